@@ -1,0 +1,252 @@
+"""The round loop, written once: sign, send, verify each reply as it arrives, fold, sign again.
+
+Replies are pulled as they come in and verified one by one; an accepted update goes straight to
+the spool on disk and leaves memory. A round that ends with fewer accepted updates than the quorum
+fails the run loudly (`QuorumNotReached`) and never produces a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.arrays import to_record
+from coordinator.record import FINAL_MODEL, RunRecord
+from coordinator.runtime import CoordinatorRuntime, RoundReport
+from coordinator.spool import UpdateSpool
+from coordinator.verify import Accepted, Expectation, Rejected, verify_reply
+from protocols import GlobalModelEnvelope, SignedBlob, params_digest, sign_global_model, structure, wire
+
+log = logging.getLogger("weft.coordinator")
+
+PULL_INTERVAL_S = 0.1
+
+
+class QuorumNotReached(RuntimeError):
+    """A round accepted fewer updates than the quorum; no model was produced."""
+
+
+class NotEnoughNodes(RuntimeError):
+    """Too few nodes connected before the deadline."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of a completed run."""
+
+    summary: Mapping[str, Any]
+    final_arrays: Mapping[str, np.ndarray]
+
+
+def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
+    """Run every round of `rt.settings`; write the record; return the summary."""
+    s = rt.settings
+    record = RunRecord(s.out_dir)
+    need = s.min_accepted(len(rt.manifest))
+    started = time.monotonic()
+    global_arrays = {name: np.asarray(a) for name, a in rt.initial_arrays.items()}
+    template = structure(global_arrays)
+    signed = _sign(rt, 0, global_arrays)
+    record.checkpoint(0, global_arrays, signed)
+    _wait_for_nodes(grid, need, s.node_wait_timeout_s)
+    totals: dict[str, Any] = {"accepted": 0, "rejected": 0, "rejected_by_reason": {}}
+    report: RoundReport | None = None
+
+    for rnd in range(1, s.rounds + 1):
+        round_start = time.monotonic()
+        # ---- send the signed global model to every connected node -------------------------------
+        node_ids = sorted(grid.get_node_ids())
+        rt.observer.round_started(rnd, len(node_ids))
+        base_digest = params_digest(global_arrays)
+        expect = Expectation(s.federation_id, s.run_id, rnd, base_digest, template, rt.manifest)
+        spool = UpdateSpool(record.updates_dir(rnd))
+        rejected: list[Rejected] = []
+        instructions = _instructions(node_ids, MessageType.TRAIN, global_arrays, signed)
+
+        # ---- verify each reply as it arrives; spool the good ones -------------------------------
+        replied = 0
+        for reply in _collect(grid, instructions, s.round_timeout_s):
+            replied += 1
+            outcome = verify_reply(reply, expect)
+            if isinstance(outcome, Accepted):
+                spool.put(
+                    outcome.member_id, outcome.envelope.update_digest, outcome.envelope.num_examples, outcome.arrays
+                )
+            else:
+                log.warning("round %d: rejected node %s: %s (%s)", rnd, outcome.node_id, outcome.reason, outcome.detail)
+                rejected.append(outcome)
+            rt.observer.reply_checked(rnd, outcome)
+            del reply, outcome
+
+        # ---- quorum: never produce a model from too few updates ---------------------------------
+        if len(spool) < need:
+            reasons = ", ".join(f"{r}={n}" for r, n in sorted(Counter(str(x.reason) for x in rejected).items()))
+            error = (
+                f"round {rnd}: accepted {len(spool)} update(s), quorum is {need} "
+                f"({s.quorum:.0%} of {len(rt.manifest)} members); rejected {len(rejected)}"
+                f"{f' ({reasons})' if reasons else ''}, no reply from {len(node_ids) - replied}"
+            )
+            record.append_failure(rnd, error)
+            record.write_summary(_summary(rt, rnd - 1, report, totals, started, status="failed", error=error))
+            raise QuorumNotReached(error)
+
+        # ---- aggregate in canonical order, sign the new global model ----------------------------
+        rt.aggregator.begin(template)
+        accepted = []
+        for entry in spool.in_order():
+            rt.aggregator.fold(entry.load(), entry.weight)
+            accepted.append(entry.member_id)
+        global_arrays = rt.aggregator.finish()
+        signed = _sign(rt, rnd, global_arrays)
+        record.checkpoint(rnd, global_arrays, signed)
+
+        # ---- evaluate ------------------------------------------------------------------------------
+        central = dict(rt.central_eval(global_arrays)) if rt.central_eval else {}
+        federated = (
+            _federated_evaluate(grid, node_ids, global_arrays, signed, s.round_timeout_s)
+            if s.federated_evaluation
+            else {}
+        )
+        report = RoundReport(
+            round=rnd,
+            nodes=len(node_ids),
+            accepted=tuple(accepted),
+            rejected=tuple(rejected),
+            missing=len(node_ids) - replied,
+            global_digest=params_digest(global_arrays).hex(),
+            central=central,
+            federated=federated,
+            duration_s=time.monotonic() - round_start,
+        )
+        record.append_round(report)
+        _add_totals(totals, report)
+        rt.observer.round_finished(report)
+
+    summary = _summary(rt, s.rounds, report, totals, started, status="completed")
+    record.write_summary(summary)
+    return RunResult(summary=summary, final_arrays=global_arrays)
+
+
+# ---- messaging -------------------------------------------------------------------------------------
+
+
+def _instructions(
+    node_ids: Iterable[int], kind: str, arrays: Mapping[str, np.ndarray], signed: SignedBlob
+) -> list[Message]:
+    record = to_record(arrays)
+    global_record = ConfigRecord({wire.ENVELOPE: signed.body, wire.SIGNATURE: signed.signature})
+    return [
+        Message(
+            RecordDict({wire.ARRAYS: record, wire.GLOBAL_RECORD: global_record}), dst_node_id=nid, message_type=kind
+        )
+        for nid in node_ids
+    ]
+
+
+def _collect(grid: Grid, messages: list[Message], timeout_s: float) -> Iterator[Message]:
+    """Push `messages`; yield each reply as soon as it is pulled, until all arrive or time runs out."""
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        replies = list(grid.pull_messages(list(pending)))
+        for reply in replies:
+            pending.discard(reply.metadata.reply_to_message_id)
+            yield reply
+        if not replies:
+            time.sleep(PULL_INTERVAL_S)
+    if pending:
+        log.warning("%d node(s) did not reply within %.0f s", len(pending), timeout_s)
+
+
+def _wait_for_nodes(grid: Grid, need: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(list(grid.get_node_ids())) < need:
+        if time.monotonic() > deadline:
+            have = len(list(grid.get_node_ids()))
+            raise NotEnoughNodes(f"only {have} node(s) connected within {timeout_s:.0f} s; quorum needs {need}")
+        time.sleep(0.5)
+
+
+def _federated_evaluate(
+    grid: Grid, node_ids: list[int], arrays: Mapping[str, np.ndarray], signed: SignedBlob, timeout_s: float
+) -> dict[str, float]:
+    """Example-weighted mean of the nodes' declared evaluation metrics."""
+    sums: dict[str, float] = {}
+    total = 0
+    for reply in _collect(grid, _instructions(node_ids, MessageType.EVALUATE, arrays, signed), timeout_s):
+        if reply.has_error() or wire.METRICS not in reply.content.metric_records:
+            continue
+        metrics = dict(reply.content.metric_records[wire.METRICS])
+        n = metrics.pop(wire.NUM_EXAMPLES, 0)
+        if not isinstance(n, int) or n < 1:
+            continue
+        total += n
+        for name, value in metrics.items():
+            if isinstance(value, int | float) and np.isfinite(value):
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+    return {name: value / total for name, value in sums.items()} if total else {}
+
+
+# ---- signing and bookkeeping -------------------------------------------------------------------------
+
+
+def _sign(rt: CoordinatorRuntime, round_: int, arrays: Mapping[str, np.ndarray]) -> SignedBlob:
+    s = rt.settings
+    envelope = GlobalModelEnvelope(
+        federation_id=s.federation_id,
+        run_id=s.run_id,
+        round=round_,
+        model_digest=params_digest(arrays),
+        task=s.task,
+        config=s.train_config,
+    )
+    return sign_global_model(rt.identity, envelope)
+
+
+def _add_totals(totals: dict[str, Any], report: RoundReport) -> None:
+    totals["accepted"] += len(report.accepted)
+    totals["rejected"] += len(report.rejected)
+    by_reason = totals["rejected_by_reason"]
+    for rej in report.rejected:
+        by_reason[str(rej.reason)] = by_reason.get(str(rej.reason), 0) + 1
+
+
+def _summary(
+    rt: CoordinatorRuntime,
+    rounds_done: int,
+    last: RoundReport | None,
+    totals: Mapping[str, Any],
+    started: float,
+    status: str,
+    error: str | None = None,
+) -> dict[str, Any]:
+    s = rt.settings
+    out: dict[str, Any] = {
+        "status": status,
+        "federation_id": s.federation_id,
+        "run_id": s.run_id,
+        "task": s.task,
+        "rounds": rounds_done,
+        "final_accuracy": last.central.get("accuracy") if last else None,
+        "final_loss": last.central.get("loss") if last else None,
+        "final_federated_accuracy": last.federated.get("eval_accuracy") if last else None,
+        "accuracy_measured_on": rt.central_eval_data,
+        "accepted": totals["accepted"],
+        "rejected": totals["rejected"],
+        "rejected_by_reason": dict(sorted(totals["rejected_by_reason"].items())),
+        "global_model_digest": last.global_digest if last else None,
+        "global_model_file": FINAL_MODEL,
+        "coordinator_public_key": rt.identity.public_key.hex(),
+        "wall_s": round(time.monotonic() - started, 2),
+    }
+    if error:
+        out["error"] = error
+    return out

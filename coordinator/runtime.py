@@ -1,0 +1,131 @@
+"""The coordinator's typed settings and runtime, and the events it reports while running."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from coordinator.aggregate import Aggregator, FedAvg
+from coordinator.verify import Accepted, Rejected
+from protocols import ConfigValue, Manifest, SigningKey
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """How one run is coordinated."""
+
+    federation_id: str
+    """Federation id (also in the manifest)."""
+    run_id: str
+    """Unique id of this run; every signature binds it."""
+    task: str
+    """Task name sent to nodes in the signed global envelope."""
+    rounds: int
+    """Number of training rounds."""
+    out_dir: Path
+    """Where the record (metrics, checkpoints, updates, summary) is written."""
+    train_config: Mapping[str, ConfigValue] = field(default_factory=dict)
+    """Instructions signed into every global envelope (local epochs, learning rate, ...)."""
+    quorum: float = 0.5
+    """Fraction of manifest members whose accepted updates a round needs (at least one)."""
+    round_timeout_s: float = 600.0
+    """How long a round waits for replies; late nodes lose that round's contribution."""
+    node_wait_timeout_s: float = 120.0
+    """How long the run waits for enough nodes to connect before round 1."""
+    federated_evaluation: bool = True
+    """Also ask every node to evaluate each new global model on its local validation split."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds must be >= 1")
+        if not 0 < self.quorum <= 1:
+            raise ValueError("quorum must be in (0, 1]")
+        if self.round_timeout_s <= 0 or self.node_wait_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+
+    def min_accepted(self, members: int) -> int:
+        """Accepted updates a round needs, for a manifest of `members` members."""
+        return max(1, math.ceil(self.quorum * members))
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What happened in one round."""
+
+    round: int
+    nodes: int
+    """Nodes the round was sent to."""
+    accepted: tuple[str, ...]
+    """Member ids whose updates were aggregated."""
+    rejected: tuple[Rejected, ...]
+    missing: int
+    """Nodes that did not reply before the deadline."""
+    global_digest: str
+    """Hex digest of the new global model."""
+    central: Mapping[str, float]
+    """Coordinator-side evaluation on held-out data (`loss`, `accuracy`), if configured."""
+    federated: Mapping[str, float]
+    """Example-weighted node-side evaluation (`eval_loss`, `eval_accuracy`), if enabled."""
+    duration_s: float
+
+
+class Observer(Protocol):
+    """Receives progress events (a live display, a log)."""
+
+    def round_started(self, round: int, nodes: int) -> None:
+        """A round's instructions went out to `nodes` nodes."""
+
+    def reply_checked(self, round: int, outcome: Accepted | Rejected) -> None:
+        """One reply was verified."""
+
+    def round_finished(self, report: RoundReport) -> None:
+        """A round completed."""
+
+
+class NullObserver:
+    """Ignores every event."""
+
+    def round_started(self, round: int, nodes: int) -> None:
+        """Ignore."""
+
+    def reply_checked(self, round: int, outcome: Accepted | Rejected) -> None:
+        """Ignore."""
+
+    def round_finished(self, report: RoundReport) -> None:
+        """Ignore."""
+
+
+CentralEval = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
+"""Evaluates a global model on the coordinator's held-out data; returns `loss`, `accuracy`."""
+
+
+@dataclass
+class CoordinatorRuntime:
+    """Everything the round loop needs, resolved at the edge."""
+
+    settings: CoordinatorSettings
+    identity: SigningKey
+    """The coordinator's key; signs every global model."""
+    manifest: Manifest
+    """Who may contribute."""
+    initial_arrays: Mapping[str, np.ndarray]
+    """Round-0 global model."""
+    central_eval: CentralEval | None = None
+    central_eval_data: str = ""
+    """One line describing the held-out data `central_eval` uses (goes into summary.json)."""
+    aggregator: Aggregator = field(default_factory=FedAvg)
+    observer: Observer = field(default_factory=NullObserver)
+
+    def __post_init__(self) -> None:
+        if self.manifest.federation_id != self.settings.federation_id:
+            raise ValueError(
+                f"manifest is for federation {self.manifest.federation_id!r}, "
+                f"settings say {self.settings.federation_id!r}"
+            )
+        if self.manifest.coordinator_key != self.identity.public_key:
+            raise ValueError("the coordinator key does not match the manifest's coordinator public_key")

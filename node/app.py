@@ -1,0 +1,135 @@
+"""The node's Flower ClientApp: verify the global model, train or evaluate locally, sign, reply.
+
+`make_client_app(resolve)` builds the app; `resolve(context)` turns Flower's context into a
+`NodeRuntime` (federation/ supplies it for simulation and deployment alike).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from node.arrays import from_record, load_arrays, model_to_arrays
+from node.egress import declared_metrics, evaluate_reply, train_reply
+from node.runtime import NodeRuntime
+from node.store import save_local_model
+from node.training import TrainConfig, evaluate_local, train_local
+from protocols import (
+    DecodeError,
+    GlobalModelEnvelope,
+    SignatureError,
+    SignedBlob,
+    UpdateEnvelope,
+    open_global_model,
+    params_digest,
+    sign_update,
+    wire,
+)
+
+log = logging.getLogger("weft.node")
+
+REFUSED_MODEL = 4001
+"""Error code of a reply that refuses an unsigned, mis-signed or mismatched global model."""
+
+
+class RefusedModel(Exception):
+    """The global model in an instruction cannot be trusted; the message says why."""
+
+
+def make_client_app(resolve: Callable[[Context], NodeRuntime], mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp whose train/evaluate handlers run on the runtime `resolve` returns."""
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handle_train(resolve(context), msg)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(resolve(context), msg)
+
+    return app
+
+
+def handle_train(rt: NodeRuntime, msg: Message) -> Message:
+    """Train on the verified global model; reply with the signed update."""
+    try:
+        envelope, arrays = receive_global(rt, msg)
+        config = TrainConfig.from_config(envelope.config)
+    except (RefusedModel, ValueError) as exc:
+        log.warning("refusing train instruction: %s", exc)
+        return Message(Error(code=REFUSED_MODEL, reason=f"refused global model: {exc}"), reply_to=msg)
+
+    # ---- train locally on private data --------------------------------------------------------
+    model = rt.make_model()
+    load_arrays(model, arrays)
+    round_ = envelope.round + 1
+    seed = int(np.random.SeedSequence([config.seed, round_, rt.seed]).generate_state(1)[0])
+    stats = train_local(model, rt.train_data, config, rt.device, seed=seed)
+    update = model_to_arrays(model)
+
+    # ---- sign exactly what leaves ---------------------------------------------------------------
+    metrics = declared_metrics({"train_loss": stats.loss, "train_accuracy": stats.accuracy}, rt.metric_allowlist)
+    signed_envelope = UpdateEnvelope(
+        federation_id=envelope.federation_id,
+        run_id=envelope.run_id,
+        round=round_,
+        sender=rt.identity.member_id,
+        base_digest=envelope.model_digest,
+        update_digest=params_digest(update),
+        num_examples=stats.num_examples,
+        metrics=metrics,
+    )
+    blob = sign_update(rt.identity, signed_envelope)
+    save_local_model(rt.workdir, update, signed_envelope)
+    return Message(train_reply(update, blob, stats.num_examples, metrics), reply_to=msg)
+
+
+def handle_evaluate(rt: NodeRuntime, msg: Message) -> Message:
+    """Evaluate the verified global model on the node's private validation split."""
+    try:
+        _, arrays = receive_global(rt, msg)
+    except (RefusedModel, ValueError) as exc:
+        log.warning("refusing evaluate instruction: %s", exc)
+        return Message(Error(code=REFUSED_MODEL, reason=f"refused global model: {exc}"), reply_to=msg)
+    model = rt.make_model()
+    load_arrays(model, arrays)
+    stats = evaluate_local(model, rt.val_data, rt.device)
+    metrics = declared_metrics({"eval_loss": stats.loss, "eval_accuracy": stats.accuracy}, rt.metric_allowlist)
+    return Message(evaluate_reply(stats.num_examples, metrics), reply_to=msg)
+
+
+def receive_global(rt: NodeRuntime, msg: Message) -> tuple[GlobalModelEnvelope, dict[str, np.ndarray]]:
+    """The instruction's global model, only if the coordinator signed exactly these arrays."""
+    content = msg.content
+    if wire.GLOBAL_RECORD not in content.config_records:
+        raise RefusedModel("the global model is not signed")
+    record = content.config_records[wire.GLOBAL_RECORD]
+    body, signature = record.get(wire.ENVELOPE), record.get(wire.SIGNATURE)
+    if not isinstance(body, bytes) or not isinstance(signature, bytes):
+        raise RefusedModel("the global model's signature record is malformed")
+    try:
+        envelope = open_global_model(SignedBlob(body, signature), rt.coordinator_key)
+    except SignatureError as exc:
+        raise RefusedModel("the global model is not signed by the coordinator") from exc
+    except DecodeError as exc:
+        raise RefusedModel(f"the global model's envelope is malformed: {exc}") from exc
+    if envelope.federation_id != rt.federation_id:
+        raise RefusedModel(f"model is for federation {envelope.federation_id!r}, not {rt.federation_id!r}")
+    if envelope.task != rt.task:
+        raise RefusedModel(f"model is for task {envelope.task!r}, this node serves {rt.task!r}")
+    if wire.ARRAYS not in content.array_records:
+        raise RefusedModel("the instruction carries no arrays")
+    try:
+        arrays = from_record(content.array_records[wire.ARRAYS])
+        digest = params_digest(arrays)
+    except Exception as exc:  # untrusted bytes: any decoding failure is a refusal
+        raise RefusedModel(f"the arrays cannot be decoded: {exc}") from exc
+    if digest != envelope.model_digest:
+        raise RefusedModel("the arrays are not the ones the coordinator signed")
+    return envelope, arrays

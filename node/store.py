@@ -1,0 +1,41 @@
+"""The partner's own copy of its latest locally trained model (the "N" of N+1)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from protocols import UpdateEnvelope
+from protocols.npz import load_npz, save_npz
+
+MODEL_FILE = "local_model.npz"
+META_FILE = "local_model.json"
+
+
+def save_local_model(workdir: Path, arrays: Mapping[str, np.ndarray], envelope: UpdateEnvelope) -> Path:
+    """Write the arrays and what was signed about them; atomic, so a crash never leaves half a file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / MODEL_FILE
+    save_npz(path, arrays)
+    meta = {
+        "federation_id": envelope.federation_id,
+        "run_id": envelope.run_id,
+        "round": envelope.round,
+        "member_id": envelope.sender,
+        "base_digest": envelope.base_digest.hex(),
+        "update_digest": envelope.update_digest.hex(),
+        "num_examples": envelope.num_examples,
+        "metrics": dict(envelope.metrics),
+    }
+    meta_tmp = workdir / (META_FILE + ".tmp")
+    meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    meta_tmp.replace(workdir / META_FILE)
+    return path
+
+
+def load_local_model(workdir: Path) -> dict[str, np.ndarray]:
+    """The node's latest local model."""
+    return load_npz(workdir / MODEL_FILE)

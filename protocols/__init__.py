@@ -1,0 +1,67 @@
+"""What crosses a border: identities, digests, signed envelopes, the manifest, model files.
+
+Pure Python + numpy + cryptography; never imports torch or flwr. Specified in docs/PROTOCOL.md.
+"""
+
+from protocols.digest import ArraySpec, params_digest, structure
+from protocols.encoding import ConfigValue
+from protocols.envelope import (
+    VERSION,
+    GlobalModelEnvelope,
+    SignedBlob,
+    UpdateEnvelope,
+    open_global_model,
+    sign_global_model,
+    sign_update,
+)
+from protocols.errors import (
+    DecodeError,
+    KeyFileError,
+    ManifestError,
+    ProtocolError,
+    SignatureError,
+)
+from protocols.identity import (
+    Domain,
+    PublicKey,
+    SigningKey,
+    load_public_key,
+    load_signing_key,
+    save_public_key,
+    save_signing_key,
+)
+from protocols.manifest import Manifest, Member
+from protocols.modelfile import SignedModel, read_signed_model, write_signed_model
+from protocols.reasons import RejectReason
+
+__all__ = [
+    "VERSION",
+    "ArraySpec",
+    "ConfigValue",
+    "DecodeError",
+    "Domain",
+    "GlobalModelEnvelope",
+    "KeyFileError",
+    "Manifest",
+    "ManifestError",
+    "Member",
+    "ProtocolError",
+    "PublicKey",
+    "RejectReason",
+    "SignatureError",
+    "SignedBlob",
+    "SignedModel",
+    "SigningKey",
+    "UpdateEnvelope",
+    "load_public_key",
+    "load_signing_key",
+    "open_global_model",
+    "params_digest",
+    "read_signed_model",
+    "save_public_key",
+    "save_signing_key",
+    "sign_global_model",
+    "sign_update",
+    "structure",
+    "write_signed_model",
+]

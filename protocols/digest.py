@@ -1,0 +1,73 @@
+"""The canonical digest of a parameter vector (a named set of arrays).
+
+    digest = SHA-256( b"weft/params/v1\\x00"
+                      || u32 count
+                      || for each array, in ascending order of its name's UTF-8 bytes:
+                           text name || text dtype || u32 ndim || u64 dim... || u64 nbytes
+                           || the array's bytes, C order, little-endian )
+
+`text` is u32 length + UTF-8 (protocols.encoding). `dtype` is one of `DTYPES`. The digest
+depends on names, dtypes, shapes and values, never on insertion order or host byte order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocols.encoding import Writer
+
+PARAMS_DOMAIN = b"weft/params/v1\x00"
+
+DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"})
+"""The dtypes a parameter vector may hold (numpy names)."""
+
+MAX_NAME_BYTES = 512
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What must match, per array, between a global model and an update."""
+
+    dtype: str
+    """Numpy dtype name, one of `DTYPES`."""
+    shape: tuple[int, ...]
+    """Array shape."""
+
+    def __str__(self) -> str:
+        return f"{self.dtype}{list(self.shape)}"
+
+
+def structure(arrays: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
+    """Name -> (dtype, shape) of a parameter vector."""
+    return {name: ArraySpec(a.dtype.name, tuple(int(d) for d in a.shape)) for name, a in arrays.items()}
+
+
+def params_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The 32-byte canonical digest of `arrays`; raises ValueError for unsupported contents."""
+    h = hashlib.sha256(PARAMS_DOMAIN)
+    names = sorted(arrays, key=lambda n: n.encode("utf-8"))
+    h.update(Writer().u32(len(names)).getvalue())
+    for name in names:
+        array = np.asarray(arrays[name])
+        _check(name, array)
+        le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        header = Writer().text(name).text(array.dtype.name).u32(array.ndim)
+        for dim in array.shape:
+            header.u64(dim)
+        header.u64(le.nbytes)
+        h.update(header.getvalue())
+        h.update(memoryview(le.reshape(-1)).cast("B"))
+    return h.digest()
+
+
+def _check(name: str, array: np.ndarray) -> None:
+    if not isinstance(name, str):
+        raise ValueError(f"array names must be text, got {type(name).__name__}")
+    if not name or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"array name {name!r} must be non-empty text of at most 512 bytes")
+    if array.dtype.name not in DTYPES:
+        raise ValueError(f"array {name!r} has unsupported dtype {array.dtype.name}")

@@ -1,0 +1,21 @@
+"""Errors raised at the border. Each names what was wrong, so a caller can report it as is."""
+
+
+class ProtocolError(Exception):
+    """Base class for every error raised by `protocols`."""
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a valid encoding of the expected structure."""
+
+
+class SignatureError(ProtocolError):
+    """A signature that does not verify under the expected key and domain."""
+
+
+class KeyFileError(ProtocolError):
+    """A key file that is missing, unreadable, of the wrong kind or too widely readable."""
+
+
+class ManifestError(ProtocolError):
+    """A federation manifest that is malformed; the message names the field."""

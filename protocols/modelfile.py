@@ -1,0 +1,61 @@
+"""A signed global model on disk: the arrays plus the coordinator's envelope and signature.
+
+The file is an uncompressed NumPy `.npz` archive. Each parameter is stored under its own name;
+two reserved entries, `__weft__.envelope` and `__weft__.signature` (uint8 arrays), hold the signed
+`GlobalModelEnvelope`. Reading never unpickles, verifies the signature and checks that the arrays
+hash to the envelope's `model_digest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protocols.digest import params_digest
+from protocols.envelope import GlobalModelEnvelope, SignedBlob, open_global_model
+from protocols.errors import DecodeError
+from protocols.identity import PublicKey
+from protocols.npz import load_npz, save_npz
+
+RESERVED_PREFIX = "__weft__."
+ENVELOPE_ENTRY = RESERVED_PREFIX + "envelope"
+SIGNATURE_ENTRY = RESERVED_PREFIX + "signature"
+
+
+@dataclass(frozen=True)
+class SignedModel:
+    """A verified global model."""
+
+    envelope: GlobalModelEnvelope
+    arrays: dict[str, np.ndarray]
+
+
+def write_signed_model(path: Path, arrays: Mapping[str, np.ndarray], blob: SignedBlob) -> None:
+    """Write `arrays` with their signed envelope, atomically (temp file + rename)."""
+    for name in arrays:
+        if name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"array name {name!r} uses the reserved prefix {RESERVED_PREFIX}")
+    entries = dict(arrays)
+    entries[ENVELOPE_ENTRY] = np.frombuffer(blob.body, dtype=np.uint8)
+    entries[SIGNATURE_ENTRY] = np.frombuffer(blob.signature, dtype=np.uint8)
+    save_npz(path, entries)
+
+
+def read_signed_model(path: Path, coordinator: PublicKey) -> SignedModel:
+    """Read, verify the coordinator's signature and the digest; raise ProtocolError otherwise."""
+    try:
+        entries = load_npz(path)
+    except Exception as exc:  # a damaged file may fail in zipfile, numpy or the OS: all mean "not a model file"
+        raise DecodeError(f"{path} is not a weft model file: {exc}") from exc
+    try:
+        body = entries.pop(ENVELOPE_ENTRY).tobytes()
+        signature = entries.pop(SIGNATURE_ENTRY).tobytes()
+    except KeyError as exc:
+        raise DecodeError(f"{path} carries no signed envelope") from exc
+    envelope = open_global_model(SignedBlob(body, signature), coordinator)
+    if params_digest(entries) != envelope.model_digest:
+        raise DecodeError(f"{path}: arrays do not match the signed model digest")
+    return SignedModel(envelope, entries)

@@ -1,0 +1,327 @@
+"""coordinator.verify.verify_reply: one test per RejectReason, on real Flower reply Messages."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from flwr.app import (
+    DEFAULT_TTL,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from coordinator.arrays import to_record
+from coordinator.verify import Accepted, Expectation, Rejected, verify_reply
+from node.egress import train_reply
+from protocols import (
+    Domain,
+    Manifest,
+    Member,
+    RejectReason,
+    SigningKey,
+    UpdateEnvelope,
+    params_digest,
+    sign_update,
+    structure,
+    wire,
+)
+
+NODE_ID = 7
+FEDERATION, RUN, ROUND = "fed-a", "run-1", 3
+MAX_EXAMPLES = 100
+
+COORDINATOR = SigningKey.from_seed(bytes([1]) * 32)
+MEMBER = SigningKey.from_seed(bytes([2]) * 32)
+OTHER_MEMBER = SigningKey.from_seed(bytes([3]) * 32)
+OUTSIDER = SigningKey.from_seed(bytes([9]) * 32)
+
+MANIFEST = Manifest(
+    federation_id=FEDERATION,
+    coordinator_key=COORDINATOR.public_key,
+    members=(
+        Member("hospital-a", MEMBER.public_key, "DE", MAX_EXAMPLES),
+        Member("hospital-b", OTHER_MEMBER.public_key, "FR", MAX_EXAMPLES),
+    ),
+)
+
+GLOBAL = {
+    "fc.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "fc.bias": np.zeros(2, dtype=np.float32),
+}
+BASE = params_digest(GLOBAL)
+
+
+def update_arrays() -> dict[str, np.ndarray]:
+    return {name: a + np.float32(0.5) for name, a in GLOBAL.items()}
+
+
+def expectation() -> Expectation:
+    return Expectation(FEDERATION, RUN, ROUND, BASE, structure(GLOBAL), MANIFEST)
+
+
+def instruction() -> Message:
+    """A train instruction as a node receives it (metadata set as the SuperLink would)."""
+    metadata = Metadata(
+        run_id=1,
+        message_id="instruction-1",
+        src_node_id=1,
+        dst_node_id=NODE_ID,
+        reply_to_message_id="",
+        group_id=str(ROUND),
+        created_at=time.time(),
+        ttl=DEFAULT_TTL,
+        message_type=MessageType.TRAIN,
+    )
+    return Message(RecordDict(), metadata=metadata)
+
+
+def envelope(arrays: dict[str, np.ndarray], key: SigningKey = MEMBER, **changes) -> UpdateEnvelope:
+    honest = UpdateEnvelope(
+        federation_id=FEDERATION,
+        run_id=RUN,
+        round=ROUND,
+        sender=key.member_id,
+        base_digest=BASE,
+        update_digest=params_digest(arrays),
+        num_examples=40,
+        metrics={"train_loss": 0.25},
+    )
+    return replace(honest, **changes)
+
+
+def reply(
+    arrays: dict[str, np.ndarray] | None = None,
+    key: SigningKey = MEMBER,
+    sent_arrays: dict[str, np.ndarray] | None = None,
+    **changes,
+) -> Message:
+    """An honest node's reply (node.egress.train_reply); `changes` alter the signed envelope,
+    `sent_arrays` replaces the arrays after signing."""
+    arrays = update_arrays() if arrays is None else arrays
+    env = envelope(arrays, key, **changes)
+    content = train_reply(
+        arrays if sent_arrays is None else sent_arrays,
+        sign_update(key, env),
+        env.num_examples,
+        env.metrics,
+    )
+    return Message(content, reply_to=instruction())
+
+
+def with_update_record(record: dict[str, object]) -> Message:
+    """An honest reply whose `weft.update` record is replaced by `record`."""
+    msg = reply()
+    msg.content.config_records[wire.UPDATE_RECORD] = ConfigRecord(record)
+    return msg
+
+
+def signed_record(env: UpdateEnvelope, signer: SigningKey, domain: Domain = Domain.UPDATE) -> dict:
+    body = env.encode()
+    return {wire.ENVELOPE: body, wire.SIGNATURE: signer.sign(domain, body)}
+
+
+def rejected(msg: Message, expect: Expectation | None = None) -> Rejected:
+    outcome = verify_reply(msg, expect or expectation())
+    assert isinstance(outcome, Rejected), outcome
+    assert outcome.node_id == NODE_ID
+    return outcome
+
+
+# ---- happy path ----------------------------------------------------------------------------------
+
+
+def test_honest_reply_is_accepted() -> None:
+    expect = expectation()
+    outcome = verify_reply(reply(), expect)
+    assert isinstance(outcome, Accepted)
+    assert outcome.member_id == MEMBER.member_id
+    assert outcome.node_id == NODE_ID
+    assert outcome.envelope.num_examples == 40
+    assert set(outcome.arrays) == set(GLOBAL)
+    for name, array in update_arrays().items():
+        np.testing.assert_array_equal(outcome.arrays[name], array)
+        assert outcome.arrays[name].dtype == array.dtype
+    assert expect.seen == {MEMBER.member_id}
+
+
+def test_two_members_are_both_accepted() -> None:
+    expect = expectation()
+    assert isinstance(verify_reply(reply(), expect), Accepted)
+    assert isinstance(verify_reply(reply(key=OTHER_MEMBER), expect), Accepted)
+    assert expect.seen == {MEMBER.member_id, OTHER_MEMBER.member_id}
+
+
+# ---- one test per reason, in RejectReason order --------------------------------------------------
+
+
+def test_node_error() -> None:
+    msg = Message(Error(code=4001, reason="refused global model"), reply_to=instruction())
+    out = rejected(msg)
+    assert out.reason is RejectReason.NODE_ERROR
+    assert "refused global model" in out.detail
+
+
+def test_unsigned_without_update_record() -> None:
+    msg = reply()
+    del msg.content.config_records[wire.UPDATE_RECORD]
+    assert rejected(msg).reason is RejectReason.UNSIGNED
+
+
+def test_unsigned_without_signature() -> None:
+    body = envelope(update_arrays()).encode()
+    assert rejected(with_update_record({wire.ENVELOPE: body})).reason is RejectReason.UNSIGNED
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {wire.ENVELOPE: b"not an envelope", wire.SIGNATURE: bytes(64)},
+        {**signed_record(envelope(update_arrays()), MEMBER), "extra": b"x"},
+    ],
+    ids=["garbage-envelope", "extra-key"],
+)
+def test_malformed_update_record(record: dict) -> None:
+    assert rejected(with_update_record(record)).reason is RejectReason.MALFORMED
+
+
+def test_malformed_metrics_differ_from_signed() -> None:
+    msg = reply()
+    msg.content.metric_records[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: 40, "train_loss": 0.01})
+    out = rejected(msg)
+    assert out.reason is RejectReason.MALFORMED
+    assert out.member_id == MEMBER.member_id
+
+
+def test_malformed_second_array_record() -> None:
+    msg = reply()
+    msg.content.array_records["smuggled"] = to_record({"x": np.ones(3, dtype=np.float32)})
+    assert rejected(msg).reason is RejectReason.MALFORMED
+
+
+def test_unknown_member() -> None:
+    out = rejected(reply(key=OUTSIDER))
+    assert out.reason is RejectReason.UNKNOWN_MEMBER
+    assert out.member_id == OUTSIDER.member_id
+
+
+@pytest.mark.parametrize(
+    ("signer", "domain"),
+    [(OUTSIDER, Domain.UPDATE), (OTHER_MEMBER, Domain.UPDATE), (MEMBER, Domain.GLOBAL_MODEL)],
+    ids=["outsider-key", "another-members-key", "wrong-domain"],
+)
+def test_bad_signature(signer: SigningKey, domain: Domain) -> None:
+    env = envelope(update_arrays())  # sender is MEMBER
+    out = rejected(with_update_record(signed_record(env, signer, domain)))
+    assert out.reason is RejectReason.BAD_SIGNATURE
+    assert out.member_id == MEMBER.member_id
+
+
+def test_bad_signature_envelope_changed_after_signing() -> None:
+    signed = sign_update(MEMBER, envelope(update_arrays()))
+    forged = envelope(update_arrays(), num_examples=41).encode()
+    record = {wire.ENVELOPE: forged, wire.SIGNATURE: signed.signature}
+    assert rejected(with_update_record(record)).reason is RejectReason.BAD_SIGNATURE
+
+
+def test_wrong_federation() -> None:
+    assert rejected(reply(federation_id="fed-b")).reason is RejectReason.WRONG_FEDERATION
+
+
+def test_wrong_run() -> None:
+    assert rejected(reply(run_id="run-0")).reason is RejectReason.WRONG_RUN
+
+
+def test_replay_of_an_earlier_round() -> None:
+    assert rejected(reply(round=ROUND - 1)).reason is RejectReason.REPLAY
+
+
+def test_replay_second_update_from_the_same_member() -> None:
+    expect = expectation()
+    assert isinstance(verify_reply(reply(), expect), Accepted)
+    other_arrays = {name: a - np.float32(1) for name, a in GLOBAL.items()}
+    out = rejected(reply(arrays=other_arrays), expect)
+    assert out.reason is RejectReason.REPLAY
+    assert out.member_id == MEMBER.member_id
+    assert expect.seen == {MEMBER.member_id}
+
+
+def test_wrong_round_in_the_future() -> None:
+    assert rejected(reply(round=ROUND + 1)).reason is RejectReason.WRONG_ROUND
+
+
+def test_stale_base() -> None:
+    stale = params_digest({name: a + np.float32(1) for name, a in GLOBAL.items()})
+    assert rejected(reply(base_digest=stale)).reason is RejectReason.STALE_BASE
+
+
+def test_digest_mismatch_arrays_changed_after_signing() -> None:
+    tampered = update_arrays()
+    tampered["fc.bias"] = tampered["fc.bias"] + np.float32(1)
+    out = rejected(reply(sent_arrays=tampered))
+    assert out.reason is RejectReason.DIGEST_MISMATCH
+    assert out.member_id == MEMBER.member_id
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"fc.weight": np.zeros((3, 2), np.float32), "fc.bias": np.zeros(2, np.float32)},
+        {"fc.weight": np.zeros((2, 3), np.float64), "fc.bias": np.zeros(2, np.float32)},
+        {"fc.weight": np.zeros((2, 3), np.float32)},
+        {**GLOBAL, "extra": np.zeros(1, np.float32)},
+    ],
+    ids=["shape", "dtype", "missing", "extra"],
+)
+def test_shape_mismatch(arrays: dict[str, np.ndarray]) -> None:
+    # Signed honestly over the wrong structure, so only the structure check can catch it.
+    assert rejected(reply(arrays=arrays)).reason is RejectReason.SHAPE_MISMATCH
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite(bad: float) -> None:
+    arrays = update_arrays()
+    arrays["fc.weight"][1, 2] = bad
+    assert rejected(reply(arrays=arrays)).reason is RejectReason.NON_FINITE
+
+
+@pytest.mark.parametrize("count", [0, MAX_EXAMPLES + 1])
+def test_example_count(count: int) -> None:
+    out = rejected(reply(num_examples=count))
+    assert out.reason is RejectReason.EXAMPLE_COUNT
+    assert out.member_id == MEMBER.member_id
+
+
+def test_example_count_at_the_declared_maximum_is_accepted() -> None:
+    assert isinstance(verify_reply(reply(num_examples=MAX_EXAMPLES), expectation()), Accepted)
+
+
+def test_every_reason_is_covered() -> None:
+    tested = {name.removeprefix("test_") for name in globals() if name.startswith("test_")}
+    for reason in RejectReason:
+        assert any(name.startswith(reason.value) for name in tested), reason
+
+
+def test_checks_run_in_reason_order() -> None:
+    # Wrong federation and a stale base and NaNs: the earliest reason wins.
+    arrays = update_arrays()
+    arrays["fc.bias"][0] = np.nan
+    out = rejected(reply(arrays=arrays, federation_id="fed-b", base_digest=bytes(32)))
+    assert out.reason is RejectReason.WRONG_FEDERATION
+
+
+def test_rejection_to_json() -> None:
+    out = rejected(reply(run_id="run-0"))
+    assert out.to_json() == {
+        "node": NODE_ID,
+        "member": MEMBER.member_id,
+        "reason": "wrong_run",
+        "detail": out.detail,
+    }
