@@ -99,6 +99,9 @@ def _keygen(args: argparse.Namespace) -> int:
 
     key = SigningKey.generate()
     out = Path(args.out)
+    for suffix in (".key", ".pub"):
+        if (out / f"{args.name}{suffix}").exists():
+            raise FileExistsError(f"{out / (args.name + suffix)} already exists; refusing to overwrite a key")
     save_signing_key(key, out / f"{args.name}.key")
     save_public_key(key.public_key, out / f"{args.name}.pub")
     print(f"member id {key.member_id}: {out / (args.name + '.key')} (private, mode 600), {out / (args.name + '.pub')}")
@@ -114,6 +117,34 @@ def _verify_model(args: argparse.Namespace) -> int:
         f"OK: signed by the coordinator; federation {env.federation_id}, run {env.run_id}, "
         f"round {env.round}, task {env.task}, digest {env.model_digest.hex()}"
     )
+    return 0
+
+
+def _manifest_init(args: argparse.Namespace) -> int:
+    from protocols import Manifest, load_public_key
+
+    path = Path(args.manifest)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    Manifest(args.federation_id, load_public_key(Path(args.coordinator_key)), ()).save(path)
+    print(f"created {path} for federation {args.federation_id} (no members yet: add them with `weft manifest add`)")
+    return 0
+
+
+def _manifest_add(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from protocols import Manifest, Member, load_public_key
+
+    path = Path(args.manifest)
+    manifest = Manifest.load(path)
+    member = Member(args.name, load_public_key(Path(args.key)), args.jurisdiction, args.max_examples)
+    if args.max_examples < 1:
+        raise ConfigError("max-examples: must be >= 1")
+    if manifest.get(member.member_id) is not None:
+        raise ConfigError(f"key: member {member.member_id} is already in {path}")
+    replace(manifest, members=(*manifest.members, member)).save(path)
+    print(f"added {args.name} (member id {member.member_id}, {args.jurisdiction}) to {path}")
     return 0
 
 
@@ -169,6 +200,21 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("model", help="path to a .npz written by the coordinator")
     vm.add_argument("--coordinator-key", required=True, help="the coordinator's public key (.pub)")
     vm.set_defaults(func=_verify_model)
+
+    man = sub.add_parser("manifest", help="create or extend a federation manifest")
+    man_sub = man.add_subparsers(required=True, metavar="ACTION")
+    mi = man_sub.add_parser("init", help="start a manifest with the coordinator's public key")
+    mi.add_argument("manifest", help="path of the manifest to create")
+    mi.add_argument("--federation-id", required=True, help="e.g. eu-health-2026")
+    mi.add_argument("--coordinator-key", required=True, help="the coordinator's public key (.pub)")
+    mi.set_defaults(func=_manifest_init)
+    ma = man_sub.add_parser("add", help="admit a member")
+    ma.add_argument("manifest", help="path of an existing manifest")
+    ma.add_argument("--name", required=True, help="member name, e.g. hospital-a")
+    ma.add_argument("--key", required=True, help="the member's public key (.pub)")
+    ma.add_argument("--jurisdiction", required=True, help="where the member's data lives, e.g. DE")
+    ma.add_argument("--max-examples", type=int, required=True, help="most examples it may claim per update")
+    ma.set_defaults(func=_manifest_add)
     return parser
 
 

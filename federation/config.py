@@ -47,6 +47,8 @@ class RunConfig:
     """Local SGD learning rate."""
     batch_size: int = 32
     """Local mini-batch size."""
+    momentum: float = 0.9
+    """Local SGD momentum."""
     seed: int = 0
     """Seeds the model initialisation, the data split and local shuffling."""
     quorum: float = 0.5
@@ -59,6 +61,8 @@ class RunConfig:
         _require(self.local_epochs >= 1, "local-epochs", "must be >= 1")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", "must be > 0")
         _require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
         _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         _require(self.round_timeout_s > 0, "round-timeout-s", "must be > 0")
 
@@ -67,6 +71,7 @@ class RunConfig:
         return TrainConfig(
             local_epochs=self.local_epochs,
             learning_rate=self.learning_rate,
+            momentum=self.momentum,
             batch_size=self.batch_size,
             seed=self.seed,
         ).to_config()
@@ -130,8 +135,11 @@ def parse_adversaries(text: str) -> dict[str, int]:
         return dict.fromkeys(ADVERSARY_REASONS, 1)
     out: dict[str, int] = {}
     for item in text.split(","):
-        kind, sep, count = item.strip().partition("=")
-        _require(bool(sep) and count.strip().isdigit(), "adversary", f"expected kind=count, got {item.strip()!r}")
+        kind, sep, count = (part.strip() for part in item.partition("="))
+        _require(
+            bool(sep) and count.isascii() and count.isdigit(), "adversary", f"expected kind=count, got {item.strip()!r}"
+        )
+        _require(kind not in out, "adversary", f"kind {kind!r} given twice")
         _require(
             kind in ADVERSARY_REASONS, "adversary", f"unknown kind {kind!r}; choose from {', '.join(ADVERSARY_REASONS)}"
         )

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,8 +203,8 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
     return results[0]
 
 
-def _backend_config(cfg: SimulationConfig) -> dict[str, object]:
-    init_args: dict[str, object] = {"log_to_driver": cfg.verbose, "logging_level": "INFO" if cfg.verbose else "ERROR"}
+def _backend_config(cfg: SimulationConfig) -> dict[str, dict[str, Any]]:
+    init_args: dict[str, Any] = {"log_to_driver": cfg.verbose, "logging_level": "INFO" if cfg.verbose else "ERROR"}
     if cfg.ray_address:
         init_args["address"] = cfg.ray_address
     return {

@@ -60,7 +60,7 @@ def params_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
             header.u64(dim)
         header.u64(le.nbytes)
         h.update(header.getvalue())
-        h.update(memoryview(le.reshape(-1)).cast("B"))
+        h.update(memoryview(le.reshape(-1)).cast("B"))  # type: ignore[arg-type]
     return h.digest()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 from protocols.errors import DecodeError
 
@@ -211,10 +212,10 @@ class Reader:
             raise DecodeError(f"map of {n} entries exceeds {MAX_MAP_ENTRIES}")
         return n
 
-    def _next_key(self, seen: Mapping[str, object]) -> str:
+    def _next_key(self, seen: dict[str, Any]) -> str:
         key = self.text()
         if seen:
-            last = next(reversed(seen.keys()))
+            last = next(reversed(seen))
             if key.encode("utf-8") <= last.encode("utf-8"):
                 raise DecodeError(f"map keys not strictly sorted at {key!r}")
         return key

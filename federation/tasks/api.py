@@ -84,6 +84,8 @@ def load_task(reference: str) -> Task:
             "nor an import path of the form 'package.module:attribute'"
         )
     module_name, _, attr = reference.partition(":")
+    if not module_name or not attr:
+        raise TaskError(f"task {reference!r}: expected 'package.module:attribute' with both parts")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -1,0 +1,308 @@
+"""federation/config.py: RunConfig parsing and validation, pyproject defaults, adversaries, SimulationConfig."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from federation.config import (
+    ADVERSARY_REASONS,
+    ConfigError,
+    RunConfig,
+    SimulationConfig,
+    parse_adversaries,
+)
+from node import TrainConfig
+from protocols import RejectReason
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KEBAB_FIELDS = {f.name.replace("_", "-") for f in fields(RunConfig)}
+KINDS = "tamper, unsigned, nonmember, replay, nan, shape, inflate"
+
+
+def error_of(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:
+    return str(exc_info.value)
+
+
+# ---- RunConfig.from_mapping -----------------------------------------------------------------------------
+
+
+def test_from_mapping_maps_kebab_keys_to_fields() -> None:
+    cfg = RunConfig.from_mapping(
+        {
+            "task": "synthetic",
+            "rounds": 3,
+            "local-epochs": 2,
+            "learning-rate": 0.25,
+            "batch-size": 16,
+            "seed": 7,
+            "quorum": 0.75,
+            "round-timeout-s": 12.5,
+        }
+    )
+    assert cfg == RunConfig(
+        task="synthetic",
+        rounds=3,
+        local_epochs=2,
+        learning_rate=0.25,
+        batch_size=16,
+        seed=7,
+        quorum=0.75,
+        round_timeout_s=12.5,
+    )
+
+
+def test_from_mapping_keeps_defaults_for_missing_keys() -> None:
+    assert RunConfig.from_mapping({}) == RunConfig()
+    assert RunConfig.from_mapping({"rounds": 4}) == RunConfig(rounds=4)
+
+
+def test_from_mapping_coerces_strings_and_ints() -> None:
+    cfg = RunConfig.from_mapping({"rounds": "3", "learning-rate": "0.1", "quorum": 1, "round-timeout-s": "60"})
+    assert cfg.rounds == 3
+    assert type(cfg.rounds) is int
+    assert cfg.learning_rate == 0.1
+    assert type(cfg.learning_rate) is float
+    assert cfg.quorum == 1.0
+    assert type(cfg.quorum) is float
+    assert cfg.round_timeout_s == 60.0
+    assert type(cfg.round_timeout_s) is float
+
+
+def test_from_mapping_rejects_unknown_key_naming_it_and_listing_known() -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        RunConfig.from_mapping({"rounds": 3, "epochs": 2})
+    assert error_of(exc_info) == (
+        "run config: unknown key(s) ['epochs']; known keys: "
+        "['batch-size', 'learning-rate', 'local-epochs', 'momentum', 'quorum', "
+        "'round-timeout-s', 'rounds', 'seed', 'task']"
+    )
+
+
+def test_from_mapping_snake_case_key_is_unknown() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['local_epochs'\]"):
+        RunConfig.from_mapping({"local_epochs": 2})
+
+
+def test_from_mapping_uses_source_in_messages() -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        RunConfig.from_mapping({"quorum": 0}, source="node config")
+    assert error_of(exc_info) == "node config: quorum: must be in (0, 1]"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rounds": "x"}, "run config: rounds: expected int, got 'x'"),
+        ({"rounds": 2.5}, "run config: rounds: expected int, got 2.5"),
+        ({"rounds": "3.0"}, "run config: rounds: expected int, got '3.0'"),
+        ({"seed": True}, "run config: seed: expected int, got a boolean"),
+        ({"learning-rate": False}, "run config: learning-rate: expected float, got a boolean"),
+        ({"learning-rate": "fast"}, "run config: learning-rate: expected float, got 'fast'"),
+        ({"task": ""}, "run config: task: expected str, got ''"),
+        ({"task": 3}, "run config: task: expected str, got 3"),
+    ],
+)
+def test_from_mapping_mistyped_value_names_field(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        RunConfig.from_mapping(values)
+    assert error_of(exc_info) == message
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rounds": 0}, "run config: rounds: must be >= 1"),
+        ({"rounds": "-2"}, "run config: rounds: must be >= 1"),
+        ({"quorum": 0}, "run config: quorum: must be in (0, 1]"),
+        ({"quorum": 1.5}, "run config: quorum: must be in (0, 1]"),
+        ({"quorum": "nan"}, "run config: quorum: must be in (0, 1]"),
+        ({"learning-rate": -1}, "run config: learning-rate: must be > 0"),
+        ({"learning-rate": 0}, "run config: learning-rate: must be > 0"),
+        ({"learning-rate": "inf"}, "run config: learning-rate: must be > 0"),
+        ({"local-epochs": 0}, "run config: local-epochs: must be >= 1"),
+        ({"batch-size": 0}, "run config: batch-size: must be >= 1"),
+        ({"round-timeout-s": 0}, "run config: round-timeout-s: must be > 0"),
+    ],
+)
+def test_from_mapping_out_of_range_names_field(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        RunConfig.from_mapping(values)
+    assert error_of(exc_info) == message
+
+
+def test_direct_construction_validates_too() -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        RunConfig(quorum=0)
+    assert error_of(exc_info) == "quorum: must be in (0, 1]"
+    assert RunConfig(quorum=1.0).quorum == 1.0
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# ---- pyproject mirrors the defaults ------------------------------------------------------------------------
+
+
+def pyproject_run_config() -> dict[str, object]:
+    with (REPO_ROOT / "pyproject.toml").open("rb") as fh:
+        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_run_config_keys_equal_run_config_fields() -> None:
+    assert set(pyproject_run_config()) == KEBAB_FIELDS
+
+
+def test_pyproject_run_config_values_equal_defaults() -> None:
+    table = pyproject_run_config()
+    assert RunConfig.from_mapping(table) == RunConfig()
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        value = table[f.name.replace("_", "-")]
+        assert value == getattr(defaults, f.name), f.name
+        assert type(value) is type(getattr(defaults, f.name)), f.name
+
+
+# ---- train_config ----------------------------------------------------------------------------------------
+
+
+def test_train_config_matches_node_train_config() -> None:
+    run = RunConfig()
+    expected = TrainConfig(
+        local_epochs=run.local_epochs,
+        learning_rate=run.learning_rate,
+        momentum=TrainConfig().momentum,
+        batch_size=run.batch_size,
+        seed=run.seed,
+    ).to_config()
+    assert run.train_config() == expected
+    assert run.train_config() == {
+        "local-epochs": 5,
+        "learning-rate": 0.1,
+        "momentum": 0.9,
+        "batch-size": 32,
+        "seed": 0,
+    }
+
+
+def test_train_config_round_trips_through_node() -> None:
+    run = RunConfig(local_epochs=2, learning_rate=0.3, batch_size=8, seed=11)
+    parsed = TrainConfig.from_config(run.train_config())
+    assert parsed == TrainConfig(local_epochs=2, learning_rate=0.3, momentum=0.9, batch_size=8, seed=11)
+    assert TrainConfig.from_config(RunConfig().train_config()).to_config() == RunConfig().train_config()
+
+
+# ---- parse_adversaries -------------------------------------------------------------------------------------
+
+
+def test_parse_adversaries_counts() -> None:
+    assert parse_adversaries("tamper=1,nan=2") == {"tamper": 1, "nan": 2}
+    assert parse_adversaries(" replay=3 , inflate=0 ") == {"replay": 3, "inflate": 0}
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_parse_adversaries_empty(text: str) -> None:
+    assert parse_adversaries(text) == {}
+
+
+def test_parse_adversaries_all_is_one_of_each() -> None:
+    assert parse_adversaries("all") == dict.fromkeys(ADVERSARY_REASONS, 1)
+    assert list(parse_adversaries("all")) == ["tamper", "unsigned", "nonmember", "replay", "nan", "shape", "inflate"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bogus=1", f"adversary: unknown kind 'bogus'; choose from {KINDS}"),
+        ("tamper", "adversary: expected kind=count, got 'tamper'"),
+        ("tamper=x", "adversary: expected kind=count, got 'tamper=x'"),
+        ("tamper=-1", "adversary: expected kind=count, got 'tamper=-1'"),
+        ("tamper=1,", "adversary: expected kind=count, got ''"),
+    ],
+)
+def test_parse_adversaries_errors_name_adversary(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        parse_adversaries(text)
+    assert error_of(exc_info) == message
+
+
+# ---- SimulationConfig ------------------------------------------------------------------------------------
+
+
+def test_adversary_kinds_follow_reason_order_with_repeats() -> None:
+    cfg = SimulationConfig(adversaries={"inflate": 1, "tamper": 2, "nan": 1, "shape": 0})
+    assert cfg.adversary_kinds == ["tamper", "tamper", "nan", "inflate"]
+    assert SimulationConfig().adversary_kinds == []
+    assert SimulationConfig(adversaries=parse_adversaries("all")).adversary_kinds == list(ADVERSARY_REASONS)
+
+
+def test_simulation_config_alpha_none_is_iid() -> None:
+    cfg = SimulationConfig(alpha=None)
+    assert cfg.alpha is None
+    assert SimulationConfig().alpha == 0.5
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"nodes": 0}, "nodes: must be >= 1"),
+        ({"alpha": 0.0}, "alpha: must be > 0"),
+        ({"alpha": -0.5}, "alpha: must be > 0"),
+        ({"alpha": float("nan")}, "alpha: must be > 0"),
+        ({"alpha": float("inf")}, "alpha: must be > 0"),
+        ({"cpus-per-node": 0.0}, "cpus-per-node: must be > 0"),
+        ({"gpus-per-node": -1.0}, "gpus-per-node: must be >= 0"),
+        ({"adversaries": {"bogus": 1}}, f"adversary: unknown kind 'bogus'; choose from {KINDS}"),
+        ({"adversaries": {"tamper": -1}}, "adversary: count for 'tamper' must be >= 0"),
+    ],
+)
+def test_simulation_config_errors_name_field(changes: dict[str, object], message: str) -> None:
+    kwargs = {key.replace("-", "_"): value for key, value in changes.items()}
+    with pytest.raises(ConfigError) as exc_info:
+        SimulationConfig(**kwargs)  # type: ignore[arg-type]
+    assert error_of(exc_info) == message
+
+
+# ---- adversary reasons --------------------------------------------------------------------------------------
+
+
+def test_adversary_reasons_are_reject_reasons() -> None:
+    valid = {reason.value for reason in RejectReason}
+    assert set(ADVERSARY_REASONS.values()) <= valid
+    assert [RejectReason(v) for v in ADVERSARY_REASONS.values()] == [
+        RejectReason.DIGEST_MISMATCH,
+        RejectReason.UNSIGNED,
+        RejectReason.UNKNOWN_MEMBER,
+        RejectReason.REPLAY,
+        RejectReason.NON_FINITE,
+        RejectReason.SHAPE_MISMATCH,
+        RejectReason.EXAMPLE_COUNT,
+    ]
+    assert len(set(ADVERSARY_REASONS.values())) == len(ADVERSARY_REASONS)
+
+
+def test_negative_seed_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        RunConfig.from_mapping({"seed": "-1"})
+    assert error_of(exc_info) == "run config: seed: must be a non-negative integer"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("tamper=²", "adversary: expected kind=count, got 'tamper=²'"),
+        ("tamper=1,tamper=2", "adversary: kind 'tamper' given twice"),
+    ],
+)
+def test_parse_adversaries_refuses_odd_counts_and_repeats(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc_info:
+        parse_adversaries(text)
+    assert str(exc_info.value) == message
+
+
+def test_parse_adversaries_strips_spaces_around_kind_and_count() -> None:
+    assert parse_adversaries(" tamper = 1 , nan=2") == {"tamper": 1, "nan": 2}
