@@ -240,3 +240,11 @@ def test_labeled_arrays_to_dataset_dtypes_and_subset() -> None:
 def test_load_task_with_an_empty_part_names_the_expected_form(reference: str) -> None:
     with pytest.raises(TaskError, match=r"expected 'package\.module:attribute' with both parts"):
         load_task(reference)
+
+
+def test_example_wine_task_from_docs_loads_and_fits_its_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    task = load_task("examples.wine_task:task")
+    data = task.load_data(0)
+    assert (task.name, len(data.train), len(data.test)) == ("wine", 134, 44)
+    assert task.make_model()(torch.from_numpy(data.test.features)).shape == (44, 3)
