@@ -18,12 +18,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from coordinator.aggregate import Aggregator
 from coordinator.arrays import to_record
 from coordinator.record import FINAL_MODEL, RunRecord
 from coordinator.runtime import CoordinatorRuntime, RoundReport
 from coordinator.spool import UpdateSpool
 from coordinator.verify import Accepted, Expectation, Rejected, verify_reply
-from protocols import GlobalModelEnvelope, SignedBlob, params_digest, sign_global_model, structure, wire
+from protocols import ArraySpec, GlobalModelEnvelope, SignedBlob, params_digest, sign_global_model, structure, wire
 
 log = logging.getLogger("weft.coordinator")
 
@@ -68,23 +69,10 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
         base_digest = params_digest(global_arrays)
         expect = Expectation(s.federation_id, s.run_id, rnd, base_digest, template, rt.manifest)
         spool = UpdateSpool(record.updates_dir(rnd))
-        rejected: list[Rejected] = []
         instructions = _instructions(node_ids, MessageType.TRAIN, global_arrays, signed)
 
         # ---- verify each reply as it arrives; spool the good ones -------------------------------
-        replied = 0
-        for reply in _collect(grid, instructions, s.round_timeout_s):
-            replied += 1
-            outcome = verify_reply(reply, expect)
-            if isinstance(outcome, Accepted):
-                spool.put(
-                    outcome.member_id, outcome.envelope.update_digest, outcome.envelope.num_examples, outcome.arrays
-                )
-            else:
-                log.warning("round %d: rejected node %s: %s (%s)", rnd, outcome.node_id, outcome.reason, outcome.detail)
-                rejected.append(outcome)
-            rt.observer.reply_checked(rnd, outcome)
-            del reply, outcome
+        rejected, replied = _gather_updates(grid, instructions, expect, spool, rt, s.round_timeout_s)
 
         # ---- quorum: never produce a model from too few updates ---------------------------------
         if len(spool) < need:
@@ -99,12 +87,7 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
             raise QuorumNotReached(error)
 
         # ---- aggregate in canonical order, sign the new global model ----------------------------
-        rt.aggregator.begin(template)
-        accepted = []
-        for entry in spool.in_order():
-            rt.aggregator.fold(entry.load(), entry.weight)
-            accepted.append(entry.member_id)
-        global_arrays = rt.aggregator.finish()
+        global_arrays, accepted = _fold(rt.aggregator, template, spool)
         signed = _sign(rt, rnd, global_arrays)
         record.checkpoint(rnd, global_arrays, signed)
 
@@ -133,6 +116,48 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
     summary = _summary(rt, s.rounds, report, totals, started, status="completed")
     record.write_summary(summary)
     return RunResult(summary=summary, final_arrays=global_arrays)
+
+
+# ---- one round's steps ---------------------------------------------------------------------------------
+
+
+def _gather_updates(
+    grid: Grid,
+    instructions: list[Message],
+    expect: Expectation,
+    spool: UpdateSpool,
+    rt: CoordinatorRuntime,
+    timeout_s: float,
+) -> tuple[list[Rejected], int]:
+    """Verify each reply as it arrives; spool accepted updates, return (rejections, replies seen)."""
+    rejected: list[Rejected] = []
+    replied = 0
+    for reply in _collect(grid, instructions, timeout_s):
+        replied += 1
+        outcome = verify_reply(reply, expect)
+        if isinstance(outcome, Accepted):
+            env = outcome.envelope
+            spool.put(outcome.member_id, env.update_digest, env.num_examples, outcome.arrays)
+        else:
+            log.warning(
+                "round %d: rejected node %s: %s (%s)", expect.round, outcome.node_id, outcome.reason, outcome.detail
+            )
+            rejected.append(outcome)
+        rt.observer.reply_checked(expect.round, outcome)
+        del reply, outcome  # keep at most one update in memory
+    return rejected, replied
+
+
+def _fold(
+    aggregator: Aggregator, template: Mapping[str, ArraySpec], spool: UpdateSpool
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Fold the spooled updates in canonical order; return (new global model, member ids folded)."""
+    aggregator.begin(template)
+    members = []
+    for entry in spool.in_order():
+        aggregator.fold(entry.load(), entry.weight)
+        members.append(entry.member_id)
+    return aggregator.finish(), members
 
 
 # ---- messaging -------------------------------------------------------------------------------------

@@ -24,8 +24,13 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch>=2.4"
   else
     echo "setup: no GPU, installing the CPU build of torch $TORCH_VERSION"
-    "${PIP[@]}" --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-      || "${PIP[@]}" "torch==$TORCH_VERSION" --extra-index-url "$CPU_INDEX"
+    # A local CPU wheel (pip find-links) first, then its dependencies from the usual index;
+    # otherwise PyTorch's CPU index, whose +cpu build pip prefers over PyPI's CUDA build.
+    if "${PIP[@]}" --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+      "${PIP[@]}" "torch==$TORCH_VERSION" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+    else
+      "${PIP[@]}" --retries 2 --timeout 30 "torch==$TORCH_VERSION" --extra-index-url "$CPU_INDEX"
+    fi
   fi
 fi
 
