@@ -12,15 +12,21 @@ Node config (per partner, `flower-supernode --node-config "..."`):
     partition-id / num-partitions   which slice of the task's bundled data this node holds
     task (default: digits), alpha (default: 0 = IID), data-seed (default: 0), device (default: auto)
 
-Run config (at the operator, `flwr run . --run-config "..."`): every RunConfig key, plus
+Run config (at the operator, `flwr run <app> <connection> --run-config "..."`): every RunConfig key, plus
     manifest         path of the federation manifest (JSON)
     coordinator-key  path of the coordinator's private key
     out-dir          folder for the run's record
     run-id           optional; a fresh id is generated when absent
+The SuperLink refuses `--run-config` keys that the app's [tool.flwr.app.config] does not declare, so
+the operator's app folder declares these four with "" defaults; "" counts as not set. Write that
+folder with `python -m federation.apps FOLDER` (`write_app`; docs/DEPLOY.md).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomli_w
 import torch
 from flwr.app import Context
 
@@ -110,7 +117,10 @@ def resolve_coordinator(context: Context) -> CoordinatorRuntime:
     values = dict(context.run_config)
     run_keys = {f.name.replace("_", "-") for f in fields(RunConfig)}
     run = RunConfig.from_mapping({k: v for k, v in values.items() if k in run_keys})
-    dep = _parse(DeploymentSettings, {k: v for k, v in values.items() if k not in run_keys}, "run config")
+    # The app declares the deployment keys with "" defaults (the SuperLink refuses override keys the
+    # FAB does not declare); "" counts as not set, so a forgotten path fails naming its key.
+    dep_values = {k: v for k, v in values.items() if k not in run_keys and v != ""}
+    dep = _parse(DeploymentSettings, dep_values, "run config")
     manifest = Manifest.load(dep.manifest)
     task = load_task(run.task)
     data = task.load_data(run.seed)
@@ -162,5 +172,52 @@ def _parse(cls: type[Any], values: Mapping[str, Any], source: str) -> Any:
     return cls(**kwargs)
 
 
+def write_app(folder: Path) -> Path:
+    """Write the operator's config-only Flower App (`folder/pyproject.toml`) for `flwr run FOLDER ...`.
+
+    The FAB `flwr run` builds from it holds no code: the SuperLink and every SuperNode import
+    `federation.apps` from the weft they installed themselves. Its run config is RunConfig's
+    defaults plus the deployment keys (empty, to be set with `--run-config`).
+    """
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", folder.name):
+        raise ConfigError(f"app folder {folder}: Flower needs a name of letters, digits and hyphens, e.g. weft-app")
+    defaults = RunConfig()
+    config: dict[str, Any] = {f.name.replace("_", "-"): getattr(defaults, f.name) for f in fields(RunConfig)}
+    config.update({f.name.replace("_", "-"): "" for f in fields(DeploymentSettings)})
+    meta = importlib.metadata.metadata("weft")
+    doc = {
+        "project": {
+            "name": "weft",
+            "version": meta["Version"],
+            "description": meta["Summary"],
+            "license": "Apache-2.0",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "weft",
+                    "components": {"serverapp": "federation.apps:serverapp", "clientapp": "federation.apps:clientapp"},
+                    "config": config,
+                }
+            }
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pyproject.toml"
+    path.write_text(
+        "# Written by `python -m federation.apps`: a config-only Flower App for `flwr run`.\n" + tomli_w.dumps(doc)
+    )
+    return path
+
+
 clientapp = make_client_app(resolve_node)
 serverapp = make_server_app(resolve_coordinator)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m federation.apps FOLDER   (writes FOLDER/pyproject.toml for `flwr run FOLDER ...`)")
+    try:
+        print(f"wrote {write_app(Path(sys.argv[1]))}")
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from federation.config import ConfigError, RunConfig, SimulationConfig, parse_adversaries
-from federation.tasks import TaskError
+from federation.config import RunConfig, SimulationConfig, parse_adversaries
+from federation.errors import ConfigError, TaskError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,13 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from node import TrainConfig
+from federation.errors import ConfigError
 from protocols import ConfigValue
-
-
-class ConfigError(ValueError):
-    """A configuration value that is missing, mistyped or out of range; the message names it."""
-
 
 ADVERSARY_REASONS: dict[str, str] = {
     "tamper": "digest_mismatch",
@@ -68,6 +63,8 @@ class RunConfig:
 
     def train_config(self) -> dict[str, ConfigValue]:
         """The instructions signed into every global model envelope."""
+        from node import TrainConfig  # torch: imported only when a run is built
+
         return TrainConfig(
             local_epochs=self.local_epochs,
             learning_rate=self.learning_rate,

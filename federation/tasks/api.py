@@ -15,9 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-
-class TaskError(ValueError):
-    """A task reference that cannot be loaded; the message says what to fix."""
+from federation.errors import TaskError
 
 
 @dataclass(frozen=True)
