@@ -1,12 +1,16 @@
-"""Coordinator memory while aggregating N updates: weft's fold-from-spool vs Flower's stock FedAvg.
+"""Coordinator memory while collecting and aggregating N updates: weft's round loop vs Flower's stock path.
 
-Baseline: Flower's `FedAvg` receives every reply at once (`Grid.send_and_receive`) and averages them
-with `strategy_utils.aggregate_arrayrecords`, so all N replies are in memory together.
-weft: each reply is verified (digest), spooled to disk and dropped; the aggregate is folded from the
-spool one update at a time (coordinator/rounds.py).
+Both sides pull the same N signed replies from a Grid that builds each reply only when it is pulled
+(as a SuperLink serves them from its store), so memory measured is what the coordinator holds.
 
-Each case runs in a fresh subprocess; peak memory is tracemalloc's peak (numpy reports its buffers
-to tracemalloc). Run:  .venv/bin/python benchmarks/aggregation_memory.py [--params 1000000] [--nodes 10 40]
+- Flower baseline: `Grid.send_and_receive` gathers every reply, then FedAvg's
+  `strategy_utils.aggregate_arrayrecords` averages them: all N replies are in memory together.
+- weft: the real round-loop steps (`coordinator.rounds._gather_updates` then `_fold`): each reply is
+  verified (signature, binding, digest, structure), spooled to disk and dropped; the aggregate is then
+  folded from the spool one update at a time.
+
+Each case runs in a fresh subprocess; peak memory is tracemalloc's peak (numpy reports its buffers).
+Run:  .venv/bin/python benchmarks/aggregation_memory.py [--params 1000000] [--nodes 10 40]
 """
 
 from __future__ import annotations
@@ -18,54 +22,117 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+FEDERATION, RUN = "bench", "bench-run"
 
-def _reply(i: int, params: int):  # -> RecordDict
-    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-    rng = np.random.default_rng(i)
-    arrays = {"w": rng.standard_normal(params, dtype=np.float32)}
-    return RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": 10 + i}),
-        }
-    )
+class LazyGrid:
+    """Answers each pulled train instruction with a freshly built, honestly signed reply."""
+
+    def __init__(self, nodes: int, params: int, base_digest: bytes) -> None:
+        from protocols import SigningKey
+
+        self.keys = {nid: SigningKey.from_seed(nid.to_bytes(32, "big")) for nid in range(1, nodes + 1)}
+        self.params, self.base_digest = params, base_digest
+        self.pending: dict[str, object] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.keys)
+
+    def push_messages(self, messages: Iterable[object]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # type: ignore[attr-defined]
+            self.pending[msg.metadata.message_id] = msg  # type: ignore[attr-defined]
+            ids.append(msg.metadata.message_id)  # type: ignore[attr-defined]
+        return ids
+
+    def pull_messages(self, ids: Iterable[str]) -> list[object]:
+        return [self._reply(self.pending.pop(i)) for i in list(ids) if i in self.pending]
+
+    def send_and_receive(self, messages: Iterable[object], timeout: float | None = None) -> list[object]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def _reply(self, msg):  # type: ignore[no-untyped-def]
+        from flwr.app import Message
+
+        from node.egress import train_reply
+        from protocols import UpdateEnvelope, params_digest, sign_update
+
+        nid = msg.metadata.dst_node_id
+        arrays = {"w": np.random.default_rng(nid).standard_normal(self.params, dtype=np.float32)}
+        env = UpdateEnvelope(
+            federation_id=FEDERATION,
+            run_id=RUN,
+            round=1,
+            sender=self.keys[nid].member_id,
+            base_digest=self.base_digest,
+            update_digest=params_digest(arrays),
+            num_examples=10 + nid,
+        )
+        return Message(train_reply(arrays, sign_update(self.keys[nid], env), env.num_examples, {}), reply_to=msg)
+
+
+def _setup(nodes: int, params: int):  # type: ignore[no-untyped-def]
+    from flwr.app import MessageType
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from coordinator.rounds import _instructions
+    from protocols import GlobalModelEnvelope, SignedBlob, params_digest
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    global_arrays = {"w": np.zeros(params, dtype=np.float32)}
+    digest = params_digest(global_arrays)
+    env = GlobalModelEnvelope(FEDERATION, RUN, 0, digest, "bench")
+    grid = LazyGrid(nodes, params, digest)
+    messages = _instructions(sorted(grid.keys), MessageType.TRAIN, global_arrays, SignedBlob(env.encode(), b""))
+    return grid, messages, global_arrays
 
 
 def baseline(nodes: int, params: int) -> None:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    replies = [_reply(i, params) for i in range(nodes)]
-    aggregate_arrayrecords(replies, "num-examples")
+    grid, messages, _ = _setup(nodes, params)
+    replies = list(grid.send_and_receive(messages))
+    aggregate_arrayrecords([r.content for r in replies], "num-examples")  # type: ignore[attr-defined]
 
 
 def weft(nodes: int, params: int) -> None:
     from coordinator.aggregate import FedAvg
-    from coordinator.arrays import from_record
+    from coordinator.rounds import _fold, _gather_updates
+    from coordinator.runtime import NullObserver
     from coordinator.spool import UpdateSpool
-    from protocols import params_digest, structure
+    from coordinator.verify import Expectation
+    from protocols import Manifest, Member, SigningKey, params_digest, structure
+
+    grid, messages, global_arrays = _setup(nodes, params)
+    members = tuple(Member(f"n{nid}", key.public_key, "XX", 10**6) for nid, key in grid.keys.items())
+    manifest = Manifest(FEDERATION, SigningKey.from_seed(bytes(32)).public_key, members)
+    template = structure(global_arrays)
+    expect = Expectation(FEDERATION, RUN, 1, params_digest(global_arrays), template, manifest)
+
+    class _Rt:  # the two fields _gather_updates reads
+        observer = NullObserver()
 
     with tempfile.TemporaryDirectory() as tmp:
         spool = UpdateSpool(Path(tmp))
-        template = None
-        for i in range(nodes):
-            reply = _reply(i, params)
-            arrays = from_record(reply["arrays"])
-            template = template or structure(arrays)
-            spool.put(f"{i:016x}", params_digest(arrays), 10 + i, arrays)
-            del reply, arrays
-        agg = FedAvg()
-        agg.begin(template)
-        for entry in spool.in_order():
-            agg.fold(entry.load(), entry.weight)
-        agg.finish()
+        _, _, accepted = _gather_updates(grid, messages, expect, spool, _Rt(), timeout_s=600)  # type: ignore[arg-type]
+        assert len(accepted) == nodes, "every benchmark update must verify"
+        _fold(FedAvg(), template, spool)
 
 
 def _measure(case: str, nodes: int, params: int) -> dict[str, float]:
+    # import everything first, so the peak measures data, not modules
+    import flwr.serverapp.strategy.strategy_utils  # noqa: F401
+
+    import coordinator.rounds  # noqa: F401
+    import node.egress  # noqa: F401
+
     tracemalloc.start()
     t0 = time.perf_counter()
     {"baseline": baseline, "weft": weft}[case](nodes, params)
@@ -84,20 +151,19 @@ def main() -> None:
         case, nodes, params = args.child
         print(json.dumps(_measure(case, int(nodes), int(params))))
         return
-    model_mib = args.params * 4 / 2**20
-    print(f"model: {args.params:,} float32 parameters = {model_mib:.1f} MiB")
+    print(f"model: {args.params:,} float32 parameters = {args.params * 4 / 2**20:.1f} MiB")
     header = ("nodes", "flower peak MiB", "weft peak MiB", "weft/flower", "flower s", "weft s")
-    print("  ".join(f"{h:>{w}}" for h, w in zip(header, (5, 15, 13, 11, 8, 6), strict=True)))
+    widths = (5, 15, 13, 11, 8, 6)
+    print("  ".join(f"{h:>{w}}" for h, w in zip(header, widths, strict=True)))
     for nodes in args.nodes:
         res = {}
         for case in ("baseline", "weft"):
             cmd = [sys.executable, __file__, "--child", case, str(nodes), str(args.params)]
-            res[case] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+            res[case] = json.loads(proc.stdout.strip().splitlines()[-1])
         b, w = res["baseline"], res["weft"]
-        print(
-            f"{nodes:>5}  {b['peak_mib']:>15.1f}  {w['peak_mib']:>13.1f}  {w['peak_mib'] / b['peak_mib']:>11.3f}"
-            f"  {b['wall_s']:>8.2f}  {w['wall_s']:>6.2f}"
-        )
+        row = (nodes, b["peak_mib"], w["peak_mib"], w["peak_mib"] / b["peak_mib"], b["wall_s"], w["wall_s"])
+        print(f"{row[0]:>5}  {row[1]:>15.1f}  {row[2]:>13.1f}  {row[3]:>11.3f}  {row[4]:>8.2f}  {row[5]:>6.2f}")
 
 
 if __name__ == "__main__":

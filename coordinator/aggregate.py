@@ -51,8 +51,9 @@ class FedAvg:
         """sum += weight * arrays (in float64)."""
         if weight < 1:
             raise ValueError(f"weight must be >= 1, got {weight}")
-        for name, acc in self._sums.items():
-            acc += np.asarray(arrays[name], dtype=np.float64) * float(weight)
+        with np.errstate(over="ignore"):  # overflow is caught by finish(), which refuses a non-finite model
+            for name, acc in self._sums.items():
+                acc += np.asarray(arrays[name], dtype=np.float64) * float(weight)
         self._total += weight
 
     def finish(self) -> dict[str, np.ndarray]:
@@ -66,6 +67,9 @@ class FedAvg:
             if dtype.kind in "iub":
                 mean = np.rint(mean)
             out[name] = mean.astype(dtype)
+            if dtype.kind == "f" and not np.isfinite(out[name]).all():
+                # finite updates can still overflow when summed; never sign such a model
+                raise ValueError(f"aggregate of {name!r} is not finite (overflow in {dtype})")
         return out
 
     @property

@@ -31,6 +31,8 @@ class RunRecord:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = out_dir / "metrics.jsonl"
+        if self.metrics_path.exists() or (out_dir / "summary.json").exists():
+            raise FileExistsError(f"{out_dir} already holds a run's record; choose another output folder")
         self.metrics_path.write_text("")
 
     def updates_dir(self, round_: int) -> Path:
@@ -38,10 +40,11 @@ class RunRecord:
         return self.out_dir / "rounds" / f"{round_:04d}" / "updates"
 
     def checkpoint(self, round_: int, arrays: Mapping[str, np.ndarray], signed: SignedBlob) -> Path:
-        """Write the signed global model after `round_` (and as the current final model)."""
+        """Write the signed global model after `round_`; from round 1 on, also as the final model."""
         path = self.out_dir / "global" / f"round-{round_:04d}.npz"
         write_signed_model(path, arrays, signed)
-        write_signed_model(self.out_dir / FINAL_MODEL, arrays, signed)
+        if round_ >= 1:  # the initial model is never passed off as a trained one
+            write_signed_model(self.out_dir / FINAL_MODEL, arrays, signed)
         return path
 
     def append_round(self, report: RoundReport) -> None:
@@ -57,6 +60,10 @@ class RunRecord:
             "federated_accuracy": report.federated.get("eval_accuracy"),
             "nodes": report.nodes,
             "accepted": len(report.accepted),
+            "contributions": [
+                {"member": c.member_id, "update_digest": c.update_digest, "num_examples": c.weight}
+                for c in report.accepted
+            ],
             "rejected": len(report.rejected),
             "rejected_by_reason": dict(sorted(reasons.items())),
             "rejections": [r.to_json() for r in report.rejected],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,9 @@ import numpy as np
 from coordinator.aggregate import Aggregator, FedAvg
 from coordinator.verify import Accepted, Rejected
 from protocols import ConfigValue, Manifest, SigningKey
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What a federation or run id may look like (the envelopes' rule)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class CoordinatorSettings:
     """Also ask every node to evaluate each new global model on its local validation split."""
 
     def __post_init__(self) -> None:
+        if not _ID.fullmatch(self.run_id) or not _ID.fullmatch(self.federation_id):
+            raise ValueError(f"run_id and federation_id must match {_ID.pattern}")
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         if not 0 < self.quorum <= 1:
@@ -54,14 +60,25 @@ class CoordinatorSettings:
 
 
 @dataclass(frozen=True)
+class Contribution:
+    """One update folded into a global model."""
+
+    member_id: str
+    update_digest: str
+    """Hex digest of the update's parameter vector."""
+    weight: int
+    """Its FedAvg weight: the example count the member signed."""
+
+
+@dataclass(frozen=True)
 class RoundReport:
     """What happened in one round."""
 
     round: int
     nodes: int
     """Nodes the round was sent to."""
-    accepted: tuple[str, ...]
-    """Member ids whose updates were aggregated."""
+    accepted: tuple[Contribution, ...]
+    """The updates aggregated, in the order they were folded."""
     rejected: tuple[Rejected, ...]
     missing: int
     """Nodes that did not reply before the deadline."""

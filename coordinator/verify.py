@@ -21,6 +21,7 @@ from protocols import (
     Manifest,
     RejectReason,
     SignatureError,
+    SignedBlob,
     UpdateEnvelope,
     params_digest,
     structure,
@@ -52,6 +53,8 @@ class Accepted:
     node_id: int
     envelope: UpdateEnvelope
     arrays: dict[str, np.ndarray]
+    signed: SignedBlob
+    """The envelope bytes and signature exactly as received (kept in the record)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ def verify_reply(msg: Message, expect: Expectation) -> Accepted | Rejected:
         accepted = _verify(msg, expect, node_id)
     except _Reject as rej:
         return Rejected(node_id, rej.reason, rej.detail, rej.member_id)
+    except Exception as exc:  # untrusted input must never stop the round: whatever slipped past is malformed
+        return Rejected(node_id, RejectReason.MALFORMED, f"unverifiable reply: {type(exc).__name__}: {exc}")
     expect.seen.add(accepted.member_id)
     return accepted
 
@@ -88,26 +93,26 @@ def verify_reply(msg: Message, expect: Expectation) -> Accepted | Rejected:
 def _verify(msg: Message, expect: Expectation, node_id: int) -> Accepted:
     if msg.has_error():
         raise _Reject(RejectReason.NODE_ERROR, f"node replied with error: {msg.error.reason}")
-    env, signature = _envelope(msg)
+    body, signature, env = _envelope(msg)
     member = expect.manifest.get(env.sender)
     if member is None:
         raise _Reject(RejectReason.UNKNOWN_MEMBER, f"sender {env.sender} is not in the manifest", env.sender)
     try:
-        member.public_key.verify(Domain.UPDATE, env.encode(), signature)
+        member.public_key.verify(Domain.UPDATE, body, signature)
     except SignatureError as exc:
         raise _Reject(RejectReason.BAD_SIGNATURE, str(exc), env.sender) from exc
     _check_binding(env, expect)
     arrays = _arrays(msg, env.sender)
+    _check_structure(arrays, expect.template, env.sender)
     if params_digest(arrays) != env.update_digest:
         raise _Reject(RejectReason.DIGEST_MISMATCH, "arrays differ from the signed digest", env.sender)
-    _check_structure(arrays, expect.template, env.sender)
     _check_finite(arrays, env.sender)
     _check_count(env, member.max_examples)
     _check_metrics(msg, env)
-    return Accepted(env.sender, node_id, env, arrays)
+    return Accepted(env.sender, node_id, env, arrays, SignedBlob(body, signature))
 
 
-def _envelope(msg: Message) -> tuple[UpdateEnvelope, bytes]:
+def _envelope(msg: Message) -> tuple[bytes, bytes, UpdateEnvelope]:
     content = msg.content
     if wire.UPDATE_RECORD not in content.config_records:
         raise _Reject(RejectReason.UNSIGNED, "reply carries no signed update envelope")
@@ -121,7 +126,7 @@ def _envelope(msg: Message) -> tuple[UpdateEnvelope, bytes]:
         env = UpdateEnvelope.decode(body)
     except DecodeError as exc:
         raise _Reject(RejectReason.MALFORMED, f"envelope: {exc}") from exc
-    return env, signature
+    return body, signature, env
 
 
 def _check_binding(env: UpdateEnvelope, expect: Expectation) -> None:

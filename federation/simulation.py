@@ -29,8 +29,9 @@ from coordinator import (
 )
 from federation.adversary import Adversaries
 from federation.config import SimulationConfig
+from federation.errors import ConfigError
 from federation.partition import dirichlet_partition, iid_partition
-from federation.tasks import LabeledArrays, Task, TaskData, load_task
+from federation.tasks import LabeledArrays, Task, TaskData, check_task, load_task
 from node import NodeRuntime, evaluate_local, make_client_app, pick_device
 from node.arrays import load_arrays, model_to_arrays
 from protocols import (
@@ -49,7 +50,6 @@ for _var, _value in {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }.items():
     os.environ.setdefault(_var, _value)
 
@@ -123,8 +123,14 @@ def _partitions(task: str, seed: int, alpha: float | None, parts: int) -> list[n
 def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey]:
     """Create keys, partitions and the manifest under `cfg.out_dir`."""
     home = cfg.out_dir.resolve()
-    if (home / "keys").exists():
+    if (home / "keys").exists() or (home / "summary.json").exists():
         raise FileExistsError(f"{home} already holds a simulation; choose another --out folder")
+    # ---- everything that can fail on a user's input fails here, before any file is written ----
+    check_task(load_task(cfg.run.task), cfg.run.seed)
+    try:
+        _partitions(cfg.run.task, cfg.run.seed, cfg.alpha, cfg.nodes)
+    except ValueError as exc:
+        raise ConfigError(f"nodes / alpha: {exc}") from exc
     n_total = cfg.nodes + len(cfg.adversary_kinds)
     nodes = SimulatedNodes(cfg.run.task, cfg.run.seed, cfg.alpha, cfg.nodes, cfg.federation_id, home)
     coordinator = SigningKey.generate()
@@ -205,8 +211,9 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
 
 def _backend_config(cfg: SimulationConfig) -> dict[str, dict[str, Any]]:
     init_args: dict[str, Any] = {"log_to_driver": cfg.verbose, "logging_level": "INFO" if cfg.verbose else "ERROR"}
-    if cfg.ray_address:
-        init_args["address"] = cfg.ray_address
+    # Without an address, always start a fresh local instance: a bare ray.init() would join whatever
+    # cluster /tmp/ray/ray_current_cluster names, even a dead one left by a killed run (it then hangs).
+    init_args["address"] = cfg.ray_address or "local"
     return {
         "client_resources": {"num_cpus": cfg.cpus_per_node, "num_gpus": cfg.gpus_per_node},
         "init_args": init_args,

@@ -17,7 +17,7 @@ from flwr.clientapp.typing import Mod
 from node.arrays import from_record, load_arrays, model_to_arrays
 from node.egress import declared_metrics, evaluate_reply, train_reply
 from node.runtime import NodeRuntime
-from node.store import save_local_model
+from node.store import newest_round_seen, remember_round, save_local_model
 from node.training import TrainConfig, evaluate_local, train_local
 from protocols import (
     DecodeError,
@@ -35,24 +35,49 @@ log = logging.getLogger("weft.node")
 
 REFUSED_MODEL = 4001
 """Error code of a reply that refuses an unsigned, mis-signed or mismatched global model."""
+NODE_FAILURE = 4002
+"""Error code of a reply from a node that failed while serving an instruction."""
+FAILURE_REASON = "node failure; details are in the node's own log"
+"""The only text a failing node sends: exception messages may hold paths or data, so they stay home."""
 
 
 class RefusedModel(Exception):
-    """The global model in an instruction cannot be trusted; the message says why."""
+    """The global model in an instruction cannot be trusted.
+
+    `code` is a fixed word that may leave the node; the message (details) is only logged locally.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def _refusal(msg: Message, exc: RefusedModel | ValueError) -> Message:
+    code = exc.code if isinstance(exc, RefusedModel) else "bad_instructions"
+    log.warning("refusing %s instruction (%s): %s", msg.metadata.message_type, code, exc)
+    return Message(Error(code=REFUSED_MODEL, reason=f"refused global model: {code}"), reply_to=msg)
+
+
+def _guarded(
+    handler: Callable[[NodeRuntime, Message], Message], resolve: Callable[[Context], NodeRuntime]
+) -> Callable[[Message, Context], Message]:
+    """Run `handler`; any failure is logged here and answered with a fixed code and text only."""
+
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(resolve(context), msg)
+        except Exception:
+            log.exception("failed to serve a %s instruction", msg.metadata.message_type)
+            return Message(Error(code=NODE_FAILURE, reason=FAILURE_REASON), reply_to=msg)
+
+    return run
 
 
 def make_client_app(resolve: Callable[[Context], NodeRuntime], mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp whose train/evaluate handlers run on the runtime `resolve` returns."""
     app = ClientApp(mods=list(mods))
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        return handle_train(resolve(context), msg)
-
-    @app.evaluate()
-    def _evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(resolve(context), msg)
-
+    app.train()(_guarded(handle_train, resolve))
+    app.evaluate()(_guarded(handle_evaluate, resolve))
     return app
 
 
@@ -62,8 +87,7 @@ def handle_train(rt: NodeRuntime, msg: Message) -> Message:
         envelope, arrays = receive_global(rt, msg)
         config = TrainConfig.from_config(envelope.config)
     except (RefusedModel, ValueError) as exc:
-        log.warning("refusing train instruction: %s", exc)
-        return Message(Error(code=REFUSED_MODEL, reason=f"refused global model: {exc}"), reply_to=msg)
+        return _refusal(msg, exc)
 
     # ---- train locally on private data --------------------------------------------------------
     model = rt.make_model()
@@ -95,8 +119,7 @@ def handle_evaluate(rt: NodeRuntime, msg: Message) -> Message:
     try:
         _, arrays = receive_global(rt, msg)
     except (RefusedModel, ValueError) as exc:
-        log.warning("refusing evaluate instruction: %s", exc)
-        return Message(Error(code=REFUSED_MODEL, reason=f"refused global model: {exc}"), reply_to=msg)
+        return _refusal(msg, exc)
     model = rt.make_model()
     load_arrays(model, arrays)
     stats = evaluate_local(model, rt.val_data, rt.device)
@@ -108,28 +131,34 @@ def receive_global(rt: NodeRuntime, msg: Message) -> tuple[GlobalModelEnvelope, 
     """The instruction's global model, only if the coordinator signed exactly these arrays."""
     content = msg.content
     if wire.GLOBAL_RECORD not in content.config_records:
-        raise RefusedModel("the global model is not signed")
+        raise RefusedModel("unsigned", "the global model is not signed")
     record = content.config_records[wire.GLOBAL_RECORD]
     body, signature = record.get(wire.ENVELOPE), record.get(wire.SIGNATURE)
     if not isinstance(body, bytes) or not isinstance(signature, bytes):
-        raise RefusedModel("the global model's signature record is malformed")
+        raise RefusedModel("malformed_envelope", "the global model's signature record is malformed")
     try:
         envelope = open_global_model(SignedBlob(body, signature), rt.coordinator_key)
     except SignatureError as exc:
-        raise RefusedModel("the global model is not signed by the coordinator") from exc
+        raise RefusedModel("bad_signature", "the global model is not signed by the coordinator") from exc
     except DecodeError as exc:
-        raise RefusedModel(f"the global model's envelope is malformed: {exc}") from exc
+        raise RefusedModel("malformed_envelope", f"the global model's envelope is malformed: {exc}") from exc
     if envelope.federation_id != rt.federation_id:
-        raise RefusedModel(f"model is for federation {envelope.federation_id!r}, not {rt.federation_id!r}")
+        raise RefusedModel(
+            "wrong_federation", f"model is for federation {envelope.federation_id!r}, not {rt.federation_id!r}"
+        )
     if envelope.task != rt.task:
-        raise RefusedModel(f"model is for task {envelope.task!r}, this node serves {rt.task!r}")
+        raise RefusedModel("wrong_task", f"model is for task {envelope.task!r}, this node serves {rt.task!r}")
     if wire.ARRAYS not in content.array_records:
-        raise RefusedModel("the instruction carries no arrays")
+        raise RefusedModel("no_arrays", "the instruction carries no arrays")
     try:
         arrays = from_record(content.array_records[wire.ARRAYS])
         digest = params_digest(arrays)
     except Exception as exc:  # untrusted bytes: any decoding failure is a refusal
-        raise RefusedModel(f"the arrays cannot be decoded: {exc}") from exc
+        raise RefusedModel("undecodable_arrays", f"the arrays cannot be decoded: {exc}") from exc
     if digest != envelope.model_digest:
-        raise RefusedModel("the arrays are not the ones the coordinator signed")
+        raise RefusedModel("digest_mismatch", "the arrays are not the ones the coordinator signed")
+    newest = newest_round_seen(rt.workdir, envelope.run_id)
+    if newest is not None and envelope.round < newest:
+        raise RefusedModel("stale_model", f"model of round {envelope.round}; this node has seen round {newest}")
+    remember_round(rt.workdir, envelope.run_id, envelope.round)
     return envelope, arrays

@@ -13,6 +13,7 @@ from protocols.npz import load_npz, save_npz
 
 MODEL_FILE = "local_model.npz"
 META_FILE = "local_model.json"
+SEEN_FILE = "seen_rounds.json"
 
 
 def save_local_model(workdir: Path, arrays: Mapping[str, np.ndarray], envelope: UpdateEnvelope) -> Path:
@@ -39,3 +40,24 @@ def save_local_model(workdir: Path, arrays: Mapping[str, np.ndarray], envelope: 
 def load_local_model(workdir: Path) -> dict[str, np.ndarray]:
     """The node's latest local model."""
     return load_npz(workdir / MODEL_FILE)
+
+
+def newest_round_seen(workdir: Path, run_id: str) -> int | None:
+    """The newest global-model round this node has accepted in `run_id`, if any."""
+    path = workdir / SEEN_FILE
+    if not path.is_file():
+        return None
+    seen = json.loads(path.read_text())
+    value = seen.get(run_id)
+    return int(value) if isinstance(value, int) else None
+
+
+def remember_round(workdir: Path, run_id: str, round_: int) -> None:
+    """Record that a global model of `round_` was accepted in `run_id` (atomic write)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / SEEN_FILE
+    seen = json.loads(path.read_text()) if path.is_file() else {}
+    seen[run_id] = max(round_, int(seen.get(run_id, -1)))
+    tmp = workdir / (SEEN_FILE + ".tmp")
+    tmp.write_text(json.dumps(seen, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)

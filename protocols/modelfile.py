@@ -56,6 +56,10 @@ def read_signed_model(path: Path, coordinator: PublicKey) -> SignedModel:
     except KeyError as exc:
         raise DecodeError(f"{path} carries no signed envelope") from exc
     envelope = open_global_model(SignedBlob(body, signature), coordinator)
-    if params_digest(entries) != envelope.model_digest:
+    try:
+        digest = params_digest(entries)
+    except ValueError as exc:  # an array no weft model holds (e.g. complex, text) was added
+        raise DecodeError(f"{path}: {exc}") from exc
+    if digest != envelope.model_digest:
         raise DecodeError(f"{path}: arrays do not match the signed model digest")
     return SignedModel(envelope, entries)

@@ -21,7 +21,10 @@ PIP=(.venv/bin/python -m pip install --quiet)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: GPU found, installing a CUDA build of torch"
-    "${PIP[@]}" "torch>=2.4"
+    # find-links may hold a CPU wheel; a GPU machine must take the index's CUDA build
+    PIP_FIND_LINKS="" "${PIP[@]}" "torch>=2.4"
+    .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+      || echo "setup: WARNING: torch installed but CUDA is not available; check the driver and the torch build" >&2
   else
     echo "setup: no GPU, installing the CPU build of torch $TORCH_VERSION"
     # A local CPU wheel (pip find-links) first, then its dependencies from the usual index;

@@ -7,6 +7,7 @@ A task is a `Task` object referenced by import path (`my_pkg.my_task:task`) or a
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from federation.errors import TaskError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,28 @@ class Task:
     """Returns a freshly initialised model whose output is class logits."""
     load_data: Callable[[int], TaskData]
     """Returns the task's data for a seed (the seed fixes the held-out split)."""
+
+
+def check_task(task: Task, seed: int) -> TaskData:
+    """Build the task's model and data once, so a broken task fails at start-up, not inside a run."""
+    if not _NAME.fullmatch(task.name):
+        raise TaskError(f"task name {task.name!r} must match {_NAME.pattern} (it is signed into every model)")
+    try:
+        model = task.make_model()
+    except Exception as exc:
+        raise TaskError(f"task {task.name!r}: make_model() failed: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise TaskError(f"task {task.name!r}: make_model() returned a {type(model).__name__}, not an nn.Module")
+    for name, tensor in model.state_dict().items():
+        if tensor.dtype == torch.bfloat16:
+            raise TaskError(f"task {task.name!r}: parameter {name!r} is bfloat16; keep weights in float32")
+    try:
+        data = task.load_data(seed)
+    except Exception as exc:
+        raise TaskError(f"task {task.name!r}: load_data({seed}) failed: {exc}") from exc
+    if not isinstance(data, TaskData):
+        raise TaskError(f"task {task.name!r}: load_data() returned a {type(data).__name__}, not a TaskData")
+    return data
 
 
 def load_task(reference: str) -> Task:

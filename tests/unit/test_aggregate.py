@@ -7,7 +7,9 @@ import pytest
 
 from coordinator.aggregate import FedAvg
 from coordinator.spool import UpdateSpool
-from protocols import ArraySpec, params_digest, structure
+from protocols import ArraySpec, SignedBlob, params_digest, structure
+
+SIGNED = SignedBlob(b"envelope bytes", b"signature bytes")  # the spool keeps them beside the arrays
 
 
 def fedavg(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
@@ -108,7 +110,7 @@ def test_spool_order_makes_the_aggregate_byte_identical(tmp_path, arrival) -> No
     def aggregate(order: tuple[str, ...], directory) -> dict[str, np.ndarray]:
         spool = UpdateSpool(directory)
         for member in order:
-            spool.put(member * 8, params_digest(UPDATES[member]), 1, UPDATES[member])
+            spool.put(member * 8, params_digest(UPDATES[member]), 1, UPDATES[member], SIGNED)
         agg = FedAvg()
         agg.begin(structure(UPDATES["m1"]))
         for entry in spool.in_order():
@@ -125,9 +127,31 @@ def test_spool_order_makes_the_aggregate_byte_identical(tmp_path, arrival) -> No
 
 def test_spool_round_trips_arrays_and_weights(tmp_path) -> None:
     spool = UpdateSpool(tmp_path / "updates")
-    spool.put("m2" * 8, params_digest(UPDATES["m2"]), 7, UPDATES["m2"])
+    spool.put("m2" * 8, params_digest(UPDATES["m2"]), 7, UPDATES["m2"], SIGNED)
     (entry,) = spool.in_order()
     assert entry.weight == 7
     assert entry.member_id == "m2" * 8
     loaded = entry.load()
     assert params_digest(loaded) == params_digest(UPDATES["m2"])
+
+
+def test_spool_keeps_the_signed_envelope_beside_the_arrays(tmp_path) -> None:
+    from protocols.npz import load_npz
+
+    spool = UpdateSpool(tmp_path / "updates")
+    spool.put("m2" * 8, params_digest(UPDATES["m2"]), 7, UPDATES["m2"], SIGNED)
+    (entry,) = spool.in_order()
+    stored = load_npz(entry.path)
+    assert stored["__weft__.envelope"].tobytes() == b"envelope bytes"
+    assert stored["__weft__.signature"].tobytes() == b"signature bytes"
+    assert set(entry.load()) == set(UPDATES["m2"])
+
+
+def test_an_overflowing_aggregate_is_refused_not_signed() -> None:
+    # Two finite float64 updates whose weighted sum overflows: the aggregate must not be produced.
+    agg = FedAvg()
+    agg.begin({"w": ArraySpec("float64", (1,))})
+    agg.fold({"w": np.array([1e308])}, 3)
+    agg.fold({"w": np.array([1e308])}, 3)
+    with pytest.raises(ValueError, match="aggregate of 'w' is not finite"):
+        agg.finish()

@@ -306,3 +306,11 @@ def test_parse_adversaries_refuses_odd_counts_and_repeats(text: str, message: st
 
 def test_parse_adversaries_strips_spaces_around_kind_and_count() -> None:
     assert parse_adversaries(" tamper = 1 , nan=2") == {"tamper": 1, "nan": 2}
+
+
+def test_simulation_starts_a_fresh_local_ray_unless_given_an_address() -> None:
+    # A bare ray.init() joins the cluster /tmp/ray/ray_current_cluster names, even a dead one.
+    from federation.simulation import _backend_config
+
+    assert _backend_config(SimulationConfig())["init_args"]["address"] == "local"
+    assert _backend_config(SimulationConfig(ray_address="127.0.0.1:6379"))["init_args"]["address"] == "127.0.0.1:6379"

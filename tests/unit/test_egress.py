@@ -61,3 +61,31 @@ def test_reply_structure_is_exactly_the_egress_rule(tmp_path: Path) -> None:
     evaluate = handle_evaluate(rt, instruction(message_type="evaluate"))
     assert set(evaluate.content.keys()) == {wire.METRICS}
     assert set(evaluate.content.metric_records[wire.METRICS].keys()) == {wire.NUM_EXAMPLES, "eval_accuracy"}
+
+
+def test_a_failing_node_sends_a_fixed_code_never_its_error_text(tmp_path: Path) -> None:
+    # Training fails with the canary (a path, a label value...) in its message: the ClientApp logs
+    # it locally and the wire carries only the fixed failure code and text.
+    from flwr.app import Context, RecordDict
+
+    from node.app import FAILURE_REASON, NODE_FAILURE, make_client_app
+
+    def leaky_model() -> torch.nn.Module:
+        raise RuntimeError(f"cannot read {CANARY.decode()} at /data/patients.csv")
+
+    rt = replace(runtime(tmp_path), make_model=leaky_model)
+    app = make_client_app(lambda _ctx: rt)
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    for msg in (instruction(), instruction(message_type="evaluate")):
+        reply = app(msg, context)
+        assert reply.has_error()
+        assert (reply.error.code, reply.error.reason) == (NODE_FAILURE, FAILURE_REASON)
+        data = wire_bytes(reply)
+        assert CANARY not in data and b"patients" not in data
+
+
+def test_a_refusal_names_only_a_fixed_code(tmp_path: Path) -> None:
+    from node.app import REFUSED_MODEL
+
+    reply = handle_train(runtime(tmp_path), instruction(federation_id="other-federation"))
+    assert (reply.error.code, reply.error.reason) == (REFUSED_MODEL, "refused global model: wrong_federation")

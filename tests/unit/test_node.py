@@ -299,3 +299,15 @@ def test_train_config_rejects_mistyped_values(key: str, value: object) -> None:
 def test_train_config_rejects_out_of_range_values(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=key):
         TrainConfig.from_config({key: value})  # type: ignore[dict-item]
+
+
+def test_an_older_signed_model_of_the_same_run_is_refused(tmp_path: Path) -> None:
+    # A genuine, coordinator-signed model from an earlier round replayed to the node.
+    rt = runtime(tmp_path)
+    assert not handle_train(rt, instruction(round=GLOBAL_ROUND)).has_error()
+    old = handle_train(rt, instruction(round=GLOBAL_ROUND - 1))
+    assert (old.error.code, old.error.reason) == (REFUSED_MODEL, "refused global model: stale_model")
+    # the same round again (a retry) and a newer round are fine; another run starts afresh
+    assert not handle_train(rt, instruction(round=GLOBAL_ROUND)).has_error()
+    assert not handle_train(rt, instruction(round=GLOBAL_ROUND + 1)).has_error()
+    assert not handle_train(rt, instruction(round=1, run_id="run-2")).has_error()

@@ -424,8 +424,8 @@ def test_reject_reasons_in_documented_order() -> None:
         "replay",
         "wrong_round",
         "stale_base",
-        "digest_mismatch",
         "shape_mismatch",
+        "digest_mismatch",
         "non_finite",
         "example_count",
     ]
@@ -1175,4 +1175,16 @@ def test_model_file_that_is_not_an_archive_is_a_decode_error(tmp_path: Path) -> 
     np.save(path.with_suffix(".npy"), np.zeros(3))
     path.with_suffix(".npy").rename(path)
     with pytest.raises(DecodeError):
+        read_signed_model(path, COORDINATOR.public_key)
+
+
+def test_model_file_with_an_added_exotic_array_is_a_decode_error(tmp_path: Path) -> None:
+    from protocols.npz import load_npz, save_npz
+
+    path = tmp_path / "global.npz"
+    _write_model(path, p2())
+    entries = load_npz(path)
+    entries["extra"] = np.zeros(2, dtype=np.complex64)  # no weft model holds complex arrays
+    save_npz(path, entries)
+    with pytest.raises(DecodeError, match="unsupported dtype complex64"):
         read_signed_model(path, COORDINATOR.public_key)

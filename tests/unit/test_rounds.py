@@ -163,9 +163,10 @@ def test_a_missed_quorum_raises_and_writes_no_model_for_that_round(tmp_path: Pat
         run_federation(grid, runtime(out, timeout=0.5))  # type: ignore[arg-type]
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
     assert not (out / "global" / "round-0001.npz").exists()
-    # the round-0 model stays the signed initial model: nothing unchanged is passed off as trained
-    initial = read_signed_model(out / "global_model.npz", COORDINATOR.public_key)
-    assert initial.envelope.round == 0
+    # no final model at all: the signed initial model is never passed off as a trained one
+    assert not (out / "global_model.npz").exists()
+    assert read_signed_model(out / "global" / "round-0000.npz", COORDINATOR.public_key).envelope.round == 0
+    assert json.loads((out / "summary.json").read_text())["global_model_file"] is None
 
 
 def test_updates_are_weighted_by_example_count(tmp_path: Path) -> None:
@@ -183,3 +184,44 @@ def test_updates_are_weighted_by_example_count(tmp_path: Path) -> None:
     for name, acc in total.items():
         expected = (acc / sum(sizes.values())).astype(np.float32)
         np.testing.assert_array_equal(result.final_arrays[name], expected)
+
+
+def test_an_existing_record_is_never_overwritten(tmp_path: Path) -> None:
+    run_federation(FakeGrid(nodes(tmp_path)), runtime(tmp_path / "out", rounds=1))  # type: ignore[arg-type]
+    with pytest.raises(FileExistsError, match="already holds a run's record"):
+        run_federation(FakeGrid(nodes(tmp_path)), runtime(tmp_path / "out", rounds=1))  # type: ignore[arg-type]
+
+
+def test_too_few_nodes_fails_with_a_failed_summary(tmp_path: Path) -> None:
+    from coordinator import NotEnoughNodes
+
+    grid = FakeGrid({9001: node(0, tmp_path)})  # quorum 0.5 of 3 members needs 2 nodes
+    with pytest.raises(NotEnoughNodes, match="only 1 node"):
+        run_federation(grid, runtime(tmp_path / "out"))  # type: ignore[arg-type]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["status"], summary["rounds"], summary["global_model_file"]) == ("failed", 0, None)
+
+
+def test_federated_evaluation_asks_only_accepted_nodes(tmp_path: Path) -> None:
+    # A node whose update is rejected (here: not in the manifest) is not asked to evaluate.
+    grid_nodes = nodes(tmp_path)
+    outsider = SigningKey.from_seed(bytes([99]) * 32)
+    grid_nodes[555] = replace_identity(node(2, tmp_path / "x"), outsider)
+    asked: list[int] = []
+    grid = FakeGrid(grid_nodes)
+    original = grid.push_messages
+
+    def record(messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        asked.extend(m.metadata.dst_node_id for m in messages if m.metadata.message_type == MessageType.EVALUATE)
+        return original(messages)
+
+    grid.push_messages = record  # type: ignore[method-assign]
+    run_federation(grid, runtime(tmp_path / "out", rounds=1))  # type: ignore[arg-type]
+    assert sorted(asked) == [17, 4242, 9001]
+
+
+def replace_identity(rt: NodeRuntime, key: SigningKey) -> NodeRuntime:
+    from dataclasses import replace
+
+    return replace(rt, identity=key)

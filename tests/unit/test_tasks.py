@@ -248,3 +248,28 @@ def test_example_wine_task_from_docs_loads_and_fits_its_model(monkeypatch: pytes
     data = task.load_data(0)
     assert (task.name, len(data.train), len(data.test)) == ("wine", 134, 44)
     assert task.make_model()(torch.from_numpy(data.test.features)).shape == (44, 3)
+
+
+def _task(**changes: object) -> Task:
+    from dataclasses import replace
+
+    return replace(synthetic.task, **changes)
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        (lambda: _task(name="my wine"), "task name 'my wine' must match"),
+        (lambda: _task(make_model=lambda: 42), "make_model() returned a int, not an nn.Module"),
+        (lambda: _task(make_model=lambda: torch.nn.Linear(2, 2).to(torch.bfloat16)), "is bfloat16"),
+        (lambda: _task(load_data=lambda seed: (seed, seed)), "load_data() returned a tuple, not a TaskData"),
+        (lambda: _task(load_data=lambda seed: 1 / 0), "load_data(0) failed: division by zero"),
+    ],
+    ids=["name", "model-type", "bfloat16", "data-type", "data-raises"],
+)
+def test_check_task_fails_at_start_up_naming_the_problem(task, message: str) -> None:  # type: ignore[no-untyped-def]
+    from federation.tasks import check_task
+
+    with pytest.raises(TaskError) as exc_info:
+        check_task(task(), 0)
+    assert message in str(exc_info.value)

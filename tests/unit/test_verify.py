@@ -325,3 +325,31 @@ def test_rejection_to_json() -> None:
         "reason": "wrong_run",
         "detail": out.detail,
     }
+
+
+# ---- inputs no rule anticipates must never stop the round ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        {"fc.weight": np.zeros((2, 3), np.complex64), "fc.bias": np.zeros(2, np.float32)},
+        {"fc.weight": np.zeros((2, 3), np.float32), "fc.bias": np.array(["ab", "cd"])},
+        {"": np.zeros((2, 3), np.float32), "fc.bias": np.zeros(2, np.float32)},
+    ],
+    ids=["complex64", "str", "empty-name"],
+)
+def test_arrays_the_digest_cannot_hash_are_rejected_not_raised(sent: dict[str, np.ndarray]) -> None:
+    # A member signs honestly, then sends arrays params_digest would refuse: the structure check
+    # runs first, so the reply is rejected and the round goes on.
+    assert rejected(reply(sent_arrays=sent)).reason is RejectReason.SHAPE_MISMATCH
+
+
+def test_an_unexpected_failure_while_checking_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(arrays: object) -> bytes:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("coordinator.verify.params_digest", explode)
+    out = rejected(reply())
+    assert out.reason is RejectReason.MALFORMED
+    assert out.detail == "unverifiable reply: RuntimeError: boom"
