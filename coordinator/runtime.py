@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +12,7 @@ import numpy as np
 
 from coordinator.aggregate import Aggregator, FedAvg
 from coordinator.verify import Accepted, Rejected
-from protocols import ConfigValue, Manifest, SigningKey
-
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""What a federation or run id may look like (the envelopes' rule)."""
+from protocols import ID_PATTERN, ConfigValue, Manifest, SigningKey
 
 
 @dataclass(frozen=True)
@@ -45,8 +41,8 @@ class CoordinatorSettings:
     """Also ask every node to evaluate each new global model on its local validation split."""
 
     def __post_init__(self) -> None:
-        if not _ID.fullmatch(self.run_id) or not _ID.fullmatch(self.federation_id):
-            raise ValueError(f"run_id and federation_id must match {_ID.pattern}")
+        if not ID_PATTERN.fullmatch(self.run_id) or not ID_PATTERN.fullmatch(self.federation_id):
+            raise ValueError(f"run_id and federation_id must match {ID_PATTERN.pattern}")
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
         if not 0 < self.quorum <= 1:

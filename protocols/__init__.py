@@ -6,6 +6,7 @@ Pure Python + numpy + cryptography; never imports torch or flwr. Specified in do
 from protocols.digest import ArraySpec, params_digest, structure
 from protocols.encoding import ConfigValue
 from protocols.envelope import (
+    ID_PATTERN,
     VERSION,
     GlobalModelEnvelope,
     SignedBlob,
@@ -35,6 +36,7 @@ from protocols.modelfile import SignedModel, read_signed_model, write_signed_mod
 from protocols.reasons import RejectReason
 
 __all__ = [
+    "ID_PATTERN",
     "VERSION",
     "ArraySpec",
     "ConfigValue",

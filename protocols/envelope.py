@@ -22,7 +22,8 @@ from protocols.identity import Domain, PublicKey, SigningKey
 MAGIC = b"WEFT"
 VERSION = 1
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What a federation id, run id or task name may look like (all are signed into envelopes)."""
 _MEMBER = re.compile(r"[0-9a-f]{16}")
 _KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
@@ -223,8 +224,8 @@ def _build(cls: type[_E], fields: dict[str, Any]) -> _E:
 
 
 def _check_id(name: str, value: str) -> None:
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ValueError(f"{name} must match {_ID.pattern}, got {value!r}")
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ValueError(f"{name} must match {ID_PATTERN.pattern}, got {value!r}")
 
 
 def _check_keys(name: str, values: Mapping[str, object]) -> None:

@@ -8,17 +8,16 @@ names the field.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocols.envelope import ID_PATTERN
 from protocols.errors import ManifestError
 from protocols.identity import PublicKey
 
 FORMAT = "weft-manifest/v1"
-_FEDERATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -103,8 +102,8 @@ class Manifest:
             raise ManifestError(f"{source}: members must be a list")
         members = tuple(_member(m, f"{source}: members[{i}]") for i, m in enumerate(doc["members"]))
         federation_id = _text(doc, "federation_id", source)
-        if not _FEDERATION_ID.fullmatch(federation_id):
-            raise ManifestError(f"{source}.federation_id must match {_FEDERATION_ID.pattern}")
+        if not ID_PATTERN.fullmatch(federation_id):
+            raise ManifestError(f"{source}.federation_id must match {ID_PATTERN.pattern}")
         return cls(
             federation_id=federation_id,
             coordinator_key=_key(coord, f"{source}: coordinator"),

@@ -7,7 +7,6 @@ A task is a `Task` object referenced by import path (`my_pkg.my_task:task`) or a
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,8 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from federation.errors import TaskError
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+from protocols import ID_PATTERN
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,8 @@ class Task:
 
 def check_task(task: Task, seed: int) -> TaskData:
     """Build the task's model and data once, so a broken task fails at start-up, not inside a run."""
-    if not _NAME.fullmatch(task.name):
-        raise TaskError(f"task name {task.name!r} must match {_NAME.pattern} (it is signed into every model)")
+    if not ID_PATTERN.fullmatch(task.name):
+        raise TaskError(f"task name {task.name!r} must match {ID_PATTERN.pattern} (it is signed into every model)")
     try:
         model = task.make_model()
     except Exception as exc:
