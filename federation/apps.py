@@ -34,15 +34,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tomli_w
 import torch
 from flwr.app import Context
 
 from coordinator import CoordinatorRuntime, CoordinatorSettings, make_server_app
 from federation.config import ConfigError, RunConfig
-from federation.partition import dirichlet_partition, iid_partition
-from federation.simulation import VAL_FRACTION, CentralEvaluator
+from federation.partition import partition, train_val_split
+from federation.simulation import CentralEvaluator
 from federation.tasks import load_task
 from node import NodeRuntime, make_client_app, pick_device
 from node.arrays import model_to_arrays
@@ -89,23 +88,19 @@ def resolve_node(context: Context) -> NodeRuntime:
 def _node_runtime(s: NodeSettings) -> NodeRuntime:
     task = load_task(s.task)
     data = task.load_data(s.data_seed).train
-    if s.alpha > 0:
-        parts = dirichlet_partition(data.labels, s.num_partitions, s.alpha, s.data_seed)
-    else:
-        parts = iid_partition(len(data), s.num_partitions, s.data_seed)
+    parts = partition(data.labels, s.num_partitions, s.alpha if s.alpha > 0 else None, s.data_seed)
     if not 0 <= s.partition_id < s.num_partitions:
         raise ConfigError(f"node config: partition-id must be in [0, {s.num_partitions})")
     local = data.subset(parts[s.partition_id])
-    order = np.random.default_rng([s.data_seed, s.partition_id]).permutation(len(local))
-    n_val = max(1, int(VAL_FRACTION * len(local)))
+    train, val = train_val_split(len(local), s.data_seed, s.partition_id)
     return NodeRuntime(
         identity=load_signing_key(s.key),
         coordinator_key=load_public_key(s.coordinator_key),
         federation_id=s.federation_id,
         task=task.name,
         make_model=task.make_model,
-        train_data=local.subset(order[n_val:]).to_dataset(),
-        val_data=local.subset(order[:n_val]).to_dataset(),
+        train_data=local.subset(train).to_dataset(),
+        val_data=local.subset(val).to_dataset(),
         workdir=s.workdir,
         device=pick_device(s.device),
         seed=s.partition_id,

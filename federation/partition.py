@@ -9,6 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
+VAL_FRACTION = 0.2
+"""Share of a node's partition held back as its local validation split."""
+
+
+def partition(labels: np.ndarray, parts: int, alpha: float | None, seed: int) -> list[np.ndarray]:
+    """IID when `alpha` is None, else Dirichlet(alpha) label skew: one index array per node."""
+    if alpha is None:
+        return iid_partition(len(labels), parts, seed)
+    return dirichlet_partition(labels, parts, alpha, seed)
+
+
+def train_val_split(n: int, seed: int, node: int) -> tuple[np.ndarray, np.ndarray]:
+    """A node's seeded local split of its `n` examples: (train positions, validation positions)."""
+    order = np.random.default_rng([seed, node]).permutation(n)
+    n_val = max(1, int(VAL_FRACTION * n))
+    return order[n_val:], order[:n_val]
+
 
 def iid_partition(n: int, parts: int, seed: int) -> list[np.ndarray]:
     """A seeded shuffle of range(n) cut into `parts` nearly equal pieces."""

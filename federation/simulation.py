@@ -30,7 +30,7 @@ from coordinator import (
 from federation.adversary import Adversaries
 from federation.config import SimulationConfig
 from federation.errors import ConfigError
-from federation.partition import dirichlet_partition, iid_partition
+from federation.partition import partition, train_val_split
 from federation.tasks import LabeledArrays, Task, TaskData, check_task, load_task
 from node import NodeRuntime, evaluate_local, make_client_app, pick_device
 from node.arrays import load_arrays, model_to_arrays
@@ -43,8 +43,6 @@ from protocols import (
     save_public_key,
     save_signing_key,
 )
-
-VAL_FRACTION = 0.2
 
 for _var, _value in {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -80,9 +78,8 @@ class SimulatedNodes:
         data = _task_data(self.task, self.seed)
         parts = _partitions(self.task, self.seed, self.alpha, self.honest)
         local = data.train.subset(parts[pid % self.honest])
-        order = np.random.default_rng([self.seed, pid]).permutation(len(local))
-        n_val = max(1, int(VAL_FRACTION * len(local)))
-        return local.subset(order[n_val:]), local.subset(order[:n_val])
+        train, val = train_val_split(len(local), self.seed, pid)
+        return local.subset(train), local.subset(val)
 
 
 @lru_cache(maxsize=256)
@@ -111,10 +108,7 @@ def _task_data(task: str, seed: int) -> TaskData:
 
 @lru_cache(maxsize=4)
 def _partitions(task: str, seed: int, alpha: float | None, parts: int) -> list[np.ndarray]:
-    labels = _task_data(task, seed).train.labels
-    if alpha is None:
-        return iid_partition(len(labels), parts, seed)
-    return dirichlet_partition(labels, parts, alpha, seed)
+    return partition(_task_data(task, seed).train.labels, parts, alpha, seed)
 
 
 # ---- coordinator side --------------------------------------------------------------------------------
