@@ -116,12 +116,9 @@ def weft(nodes: int, params: int) -> None:
     template = structure(global_arrays)
     expect = Expectation(FEDERATION, RUN, 1, params_digest(global_arrays), template, manifest)
 
-    class _Rt:  # the two fields _gather_updates reads
-        observer = NullObserver()
-
     with tempfile.TemporaryDirectory() as tmp:
         spool = UpdateSpool(Path(tmp))
-        _, _, accepted = _gather_updates(grid, messages, expect, spool, _Rt(), timeout_s=600)  # type: ignore[arg-type]
+        _, _, accepted = _gather_updates(grid, messages, expect, spool, NullObserver(), timeout_s=600)  # type: ignore[arg-type]
         assert len(accepted) == nodes, "every benchmark update must verify"
         _fold(FedAvg(), template, spool)
 

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from coordinator.aggregate import Aggregator
 from coordinator.arrays import to_record
 from coordinator.record import FINAL_MODEL, RunRecord
-from coordinator.runtime import Contribution, CoordinatorRuntime, RoundReport
+from coordinator.runtime import Contribution, CoordinatorRuntime, Observer, RoundReport
 from coordinator.spool import UpdateSpool
 from coordinator.verify import Accepted, Expectation, Rejected, verify_reply
 from protocols import ArraySpec, GlobalModelEnvelope, SignedBlob, params_digest, sign_global_model, structure, wire
@@ -77,7 +77,9 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
         instructions = _instructions(node_ids, MessageType.TRAIN, global_arrays, signed)
 
         # ---- verify each reply as it arrives; spool the good ones -------------------------------
-        rejected, replied, evaluators = _gather_updates(grid, instructions, expect, spool, rt, s.round_timeout_s)
+        rejected, replied, evaluators = _gather_updates(
+            grid, instructions, expect, spool, rt.observer, s.round_timeout_s
+        )
 
         # ---- quorum: never produce a model from too few updates ---------------------------------
         if len(spool) < need:
@@ -131,7 +133,7 @@ def _gather_updates(
     instructions: list[Message],
     expect: Expectation,
     spool: UpdateSpool,
-    rt: CoordinatorRuntime,
+    observer: Observer,
     timeout_s: float,
 ) -> tuple[list[Rejected], int, dict[int, int]]:
     """Verify each reply as it arrives; spool accepted updates.
@@ -155,7 +157,7 @@ def _gather_updates(
                 "round %d: rejected node %s: %s (%s)", expect.round, outcome.node_id, outcome.reason, outcome.detail
             )
             rejected.append(outcome)
-        rt.observer.reply_checked(expect.round, outcome)
+        observer.reply_checked(expect.round, outcome)
         del reply, outcome  # keep at most one update in memory
         # Flower's records hold reference cycles; without this young-generation pass the dropped
         # replies linger until the collector's threshold (measured: 46 -> 85 MiB from 10 to 40 nodes
@@ -195,7 +197,6 @@ def _instructions(
 def _collect(grid: Grid, messages: list[Message], timeout_s: float) -> Iterator[Message]:
     """Push `messages`; yield each reply as soon as it is pulled, until all arrive or time runs out."""
     pending = list(grid.push_messages(messages))
-    del messages
     deadline = time.monotonic() + timeout_s
     while pending and time.monotonic() < deadline:
         arrived = False

@@ -103,7 +103,7 @@ def _node_runtime(nodes: SimulatedNodes, pid: int) -> NodeRuntime:
 
 @lru_cache(maxsize=4)
 def _task_data(task: str, seed: int) -> TaskData:
-    return load_task(task).load_data(seed)
+    return check_task(load_task(task), seed)
 
 
 @lru_cache(maxsize=4)
@@ -120,7 +120,7 @@ def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey
     if (home / "keys").exists() or (home / "summary.json").exists():
         raise FileExistsError(f"{home} already holds a simulation; choose another --out folder")
     # ---- everything that can fail on a user's input fails here, before any file is written ----
-    check_task(load_task(cfg.run.task), cfg.run.seed)
+    _task_data(cfg.run.task, cfg.run.seed)  # validates the task (check_task) and caches its data
     try:
         _partitions(cfg.run.task, cfg.run.seed, cfg.alpha, cfg.nodes)
     except ValueError as exc:

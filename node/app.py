@@ -17,7 +17,7 @@ from flwr.clientapp.typing import Mod
 from node.arrays import from_record, load_arrays, model_to_arrays
 from node.egress import declared_metrics, evaluate_reply, train_reply
 from node.runtime import NodeRuntime
-from node.store import newest_round_seen, remember_round, save_local_model
+from node.store import record_round, save_local_model
 from node.training import TrainConfig, evaluate_local, train_local
 from protocols import (
     DecodeError,
@@ -157,8 +157,7 @@ def receive_global(rt: NodeRuntime, msg: Message) -> tuple[GlobalModelEnvelope, 
         raise RefusedModel("undecodable_arrays", f"the arrays cannot be decoded: {exc}") from exc
     if digest != envelope.model_digest:
         raise RefusedModel("digest_mismatch", "the arrays are not the ones the coordinator signed")
-    newest = newest_round_seen(rt.workdir, envelope.run_id)
+    newest = record_round(rt.workdir, envelope.run_id, envelope.round)
     if newest is not None and envelope.round < newest:
         raise RefusedModel("stale_model", f"model of round {envelope.round}; this node has seen round {newest}")
-    remember_round(rt.workdir, envelope.run_id, envelope.round)
     return envelope, arrays

@@ -42,22 +42,18 @@ def load_local_model(workdir: Path) -> dict[str, np.ndarray]:
     return load_npz(workdir / MODEL_FILE)
 
 
-def newest_round_seen(workdir: Path, run_id: str) -> int | None:
-    """The newest global-model round this node has accepted in `run_id`, if any."""
-    path = workdir / SEEN_FILE
-    if not path.is_file():
-        return None
-    seen = json.loads(path.read_text())
-    value = seen.get(run_id)
-    return int(value) if isinstance(value, int) else None
+def record_round(workdir: Path, run_id: str, round_: int) -> int | None:
+    """Note a global model of `round_` in `run_id`; return the newest round seen before, if any.
 
-
-def remember_round(workdir: Path, run_id: str, round_: int) -> None:
-    """Record that a global model of `round_` was accepted in `run_id` (atomic write)."""
+    The file keeps the highest round per run (atomic write), so a caller can refuse older models.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / SEEN_FILE
     seen = json.loads(path.read_text()) if path.is_file() else {}
-    seen[run_id] = max(round_, int(seen.get(run_id, -1)))
+    before = seen.get(run_id)
+    newest = before if isinstance(before, int) else None
+    seen[run_id] = round_ if newest is None else max(round_, newest)
     tmp = workdir / (SEEN_FILE + ".tmp")
     tmp.write_text(json.dumps(seen, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+    return newest
