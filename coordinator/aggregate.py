@@ -1,7 +1,7 @@
 """Aggregation rules that fold verified updates one at a time into a running result.
 
 An aggregator never holds more than its accumulator and the update being folded, so coordinator
-memory does not grow with the number of nodes (DESIGN.md invariant 6). The round loop folds
+memory does not grow with the number of nodes (docs/ARCHITECTURE.md, invariant 6). The round loop folds
 updates in a canonical order (`coordinator.spool`), which makes the result bit-for-bit
 deterministic whatever order replies arrived in (invariant 5).
 """

@@ -54,10 +54,8 @@ class RunRecord:
             reasons[str(rej.reason)] = reasons.get(str(rej.reason), 0) + 1
         line = {
             "round": report.round,
-            "loss": report.central.get("loss"),
-            "accuracy": report.central.get("accuracy"),
-            "federated_loss": report.federated.get("eval_loss"),
-            "federated_accuracy": report.federated.get("eval_accuracy"),
+            **dict(report.central),  # held-out metrics: loss, accuracy (or perplexity, ...)
+            **{f"federated_{k.removeprefix('eval_')}": v for k, v in report.federated.items()},
             "nodes": report.nodes,
             "accepted": len(report.accepted),
             "contributions": [
@@ -72,6 +70,10 @@ class RunRecord:
             "duration_s": round(report.duration_s, 3),
         }
         self._append(line)
+
+    def append_personalization(self, nodes: list[dict[str, Any]]) -> None:
+        """Record each node's validation metrics before and after its local personalization."""
+        self._append({"phase": "personalization", "nodes": nodes})
 
     def append_failure(self, round_: int, error: str) -> None:
         """Record a round that failed (no model was produced)."""

@@ -62,9 +62,11 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
     try:
         _wait_for_nodes(grid, need, s.node_wait_timeout_s)
     except NotEnoughNodes as exc:
-        record.write_summary(_summary(rt, 0, None, totals, started, status="failed", error=str(exc)))
+        record.write_summary(_summary(rt, 0, None, None, totals, started, status="failed", error=str(exc)))
         raise
     report: RoundReport | None = None
+    best: RoundReport | None = None
+    members_by_node: dict[int, str] = {}
 
     for rnd in range(1, s.rounds + 1):
         round_start = time.monotonic()
@@ -77,7 +79,7 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
         instructions = _instructions(node_ids, MessageType.TRAIN, global_arrays, signed)
 
         # ---- verify each reply as it arrives; spool the good ones -------------------------------
-        rejected, replied, evaluators = _gather_updates(
+        rejected, replied, evaluators, members_by_node = _gather_updates(
             grid, instructions, expect, spool, rt.observer, s.round_timeout_s
         )
 
@@ -90,7 +92,7 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
                 f"{f' ({reasons})' if reasons else ''}, no reply from {len(node_ids) - replied}"
             )
             record.append_failure(rnd, error)
-            record.write_summary(_summary(rt, rnd - 1, report, totals, started, status="failed", error=error))
+            record.write_summary(_summary(rt, rnd - 1, report, best, totals, started, status="failed", error=error))
             raise QuorumNotReached(error)
 
         # ---- aggregate in canonical order, sign the new global model ----------------------------
@@ -118,9 +120,17 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
         )
         record.append_round(report)
         _add_totals(totals, report)
+        best = report if _better(s, report, best) else best
         rt.observer.round_finished(report)
 
-    summary = _summary(rt, s.rounds, report, totals, started, status="completed")
+    # ---- N+1: every partner may keep a locally personalized model ----------------------------------
+    personal: list[dict[str, Any]] = []
+    if s.personalize:
+        phase = {wire.PHASE: wire.PHASE_PERSONALIZE}
+        personal = _personalize(grid, members_by_node, global_arrays, _sign(rt, s.rounds, global_arrays, phase), s)
+        record.append_personalization(personal)
+
+    summary = _summary(rt, s.rounds, report, best, totals, started, status="completed", personal=personal)
     record.write_summary(summary)
     return RunResult(summary=summary, final_arrays=global_arrays)
 
@@ -135,15 +145,16 @@ def _gather_updates(
     spool: UpdateSpool,
     observer: Observer,
     timeout_s: float,
-) -> tuple[list[Rejected], int, dict[int, int]]:
+) -> tuple[list[Rejected], int, dict[int, int], dict[int, str]]:
     """Verify each reply as it arrives; spool accepted updates.
 
-    Returns the rejections, the number of replies seen, and {node id: example cap} of the nodes
-    whose update was accepted (the only ones asked to evaluate).
+    Returns the rejections, the number of replies seen, {node id: example cap} of the nodes whose
+    update was accepted (the only ones asked to evaluate), and {node id: member id} of the same nodes.
     """
     rejected: list[Rejected] = []
     replied = 0
     accepted_nodes: dict[int, int] = {}
+    members: dict[int, str] = {}
     for reply in _collect(grid, instructions, timeout_s):
         replied += 1
         outcome = verify_reply(reply, expect)
@@ -152,6 +163,7 @@ def _gather_updates(
             spool.put(outcome.member_id, env.update_digest, env.num_examples, outcome.arrays, outcome.signed)
             member = expect.manifest.get(outcome.member_id)
             accepted_nodes[outcome.node_id] = member.max_examples if member else 0
+            members[outcome.node_id] = outcome.member_id
         else:
             log.warning(
                 "round %d: rejected node %s: %s (%s)", expect.round, outcome.node_id, outcome.reason, outcome.detail
@@ -163,7 +175,7 @@ def _gather_updates(
         # replies linger until the collector's threshold (measured: 46 -> 85 MiB from 10 to 40 nodes
         # with a 3.8 MiB model; with it, 28 MiB flat). benchmarks/aggregation_memory.py.
         gc.collect(0)
-    return rejected, replied, accepted_nodes
+    return rejected, replied, accepted_nodes, members
 
 
 def _fold(
@@ -247,10 +259,52 @@ def _federated_evaluate(
     return {name: value / total for name, value in sums.items()} if total else {}
 
 
+def _personalize(
+    grid: Grid, members: Mapping[int, str], arrays: Mapping[str, np.ndarray], signed: SignedBlob, s: Any
+) -> list[dict[str, Any]]:
+    """Ask the last round's contributors to personalize the final model; collect each one's before/after.
+
+    Only declared scalar metrics come back: `eval_*` on the final model, `personal_*` after the
+    node's local fine-tuning (absent when the partner configured none).
+    """
+    out: list[dict[str, Any]] = []
+    instructions = _instructions(sorted(members), MessageType.EVALUATE, arrays, signed)
+    for reply in _collect(grid, instructions, s.round_timeout_s):
+        if reply.has_error() or wire.METRICS not in reply.content.metric_records:
+            continue
+        metrics = dict(reply.content.metric_records[wire.METRICS])
+        metrics.pop(wire.NUM_EXAMPLES, None)
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
+        out.append(
+            {
+                "member": members.get(reply.metadata.src_node_id, "?"),
+                "before": {k.removeprefix("eval_"): v for k, v in sorted(finite.items()) if k.startswith("eval_")},
+                "after": {
+                    k.removeprefix("personal_"): v for k, v in sorted(finite.items()) if k.startswith("personal_")
+                },
+            }
+        )
+    return sorted(out, key=lambda row: row["member"])
+
+
+def _better(s: Any, report: RoundReport, best: RoundReport | None) -> bool:
+    """Whether `report` beats `best` on the target metric; a missing or non-finite value never does."""
+    value = report.central.get(s.target_metric)
+    if value is None or not np.isfinite(value):
+        return False
+    if best is None:
+        return True
+    old = best.central[s.target_metric]
+    return value > old if s.maximize else value < old
+
+
 # ---- signing and bookkeeping -------------------------------------------------------------------------
 
 
-def _sign(rt: CoordinatorRuntime, round_: int, arrays: Mapping[str, np.ndarray]) -> SignedBlob:
+def _sign(
+    rt: CoordinatorRuntime, round_: int, arrays: Mapping[str, np.ndarray], phase: Mapping[str, str] | None = None
+) -> SignedBlob:
+    """Sign the model after `round_` with the instructions for the next round (or `phase`'s)."""
     s = rt.settings
     envelope = GlobalModelEnvelope(
         federation_id=s.federation_id,
@@ -258,7 +312,7 @@ def _sign(rt: CoordinatorRuntime, round_: int, arrays: Mapping[str, np.ndarray])
         round=round_,
         model_digest=params_digest(arrays),
         task=s.task,
-        config=s.train_config,
+        config={**s.instructions(round_ + 1), **(phase or {})},
     )
     return sign_global_model(rt.identity, envelope)
 
@@ -275,10 +329,12 @@ def _summary(
     rt: CoordinatorRuntime,
     rounds_done: int,
     last: RoundReport | None,
+    best: RoundReport | None,
     totals: Mapping[str, Any],
     started: float,
     status: str,
     error: str | None = None,
+    personal: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     s = rt.settings
     out: dict[str, Any] = {
@@ -286,7 +342,11 @@ def _summary(
         "federation_id": s.federation_id,
         "run_id": s.run_id,
         "task": s.task,
+        "config": dict(s.record_config),
         "rounds": rounds_done,
+        "final": {"round": last.round, **last.central} if last else None,
+        "best": {"round": best.round, "by": s.target_metric, **best.central} if best else None,
+        "final_federated": dict(last.federated) if last else None,
         "final_accuracy": last.central.get("accuracy") if last else None,
         "final_loss": last.central.get("loss") if last else None,
         "final_federated_accuracy": last.federated.get("eval_accuracy") if last else None,
@@ -299,6 +359,8 @@ def _summary(
         "coordinator_public_key": rt.identity.public_key.hex(),
         "wall_s": round(time.monotonic() - started, 2),
     }
+    if personal:
+        out["personalization"] = personal
     if error:
         out["error"] = error
     return out

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,8 +29,17 @@ class CoordinatorSettings:
     """Number of training rounds."""
     out_dir: Path
     """Where the record (metrics, checkpoints, updates, summary) is written."""
-    train_config: Mapping[str, ConfigValue] = field(default_factory=dict)
-    """Instructions signed into every global envelope (local epochs, learning rate, ...)."""
+    train_config: Mapping[str, ConfigValue] | Callable[[int], Mapping[str, ConfigValue]] = field(default_factory=dict)
+    """Instructions signed into every global envelope (local epochs, learning rate, ...): one map for
+    every round, or a function of the round about to be trained (a learning-rate schedule)."""
+    record_config: Mapping[str, Any] = field(default_factory=dict)
+    """The run's complete resolved configuration, written into summary.json as `config`."""
+    target_metric: str = "accuracy"
+    """The held-out metric that names the best round."""
+    maximize: bool = True
+    """Whether a higher `target_metric` is better."""
+    personalize: bool = False
+    """After the last round, ask every node to personalize the final model locally and report before/after."""
     quorum: float = 0.5
     """Fraction of manifest members whose accepted updates a round needs (at least one)."""
     round_timeout_s: float = 600.0
@@ -49,6 +58,11 @@ class CoordinatorSettings:
             raise ValueError("quorum must be in (0, 1]")
         if self.round_timeout_s <= 0 or self.node_wait_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+
+    def instructions(self, round_: int) -> dict[str, ConfigValue]:
+        """The config signed into the global model that round `round_` trains on."""
+        config = self.train_config(round_) if callable(self.train_config) else self.train_config
+        return dict(config)
 
     def min_accepted(self, members: int) -> int:
         """Accepted updates a round needs, for a manifest of `members` members."""

@@ -1,4 +1,4 @@
-"""Every check a reply must pass before it may touch the aggregate (DESIGN.md invariant 2).
+"""Every check a reply must pass before it may touch the aggregate (docs/ARCHITECTURE.md, invariant 2).
 
 `verify_reply` returns `Accepted` or `Rejected(reason, detail)`; it never raises for anything a
 node can send. The checks run in the order of `protocols.RejectReason`, so each kind of bad

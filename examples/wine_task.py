@@ -1,7 +1,10 @@
-"""An example user task: scikit-learn's bundled wine data (178 samples, 13 features, 3 classes).
+"""An example classification task with its own optimizer: scikit-learn's bundled wine data.
 
-Run it with:  weft simulate --task examples.wine_task:task --nodes 4 --iid --rounds 20
-(from the repository root, so that `examples` is importable).
+178 samples, 13 features, 3 classes. The task prefers AdamW with weight decay and a cosine
+learning-rate schedule; a user's flags (`--optimizer sgd`, `--learning-rate ...`) still override it.
+
+Run it from the repository root (so that `examples` is importable):
+    weft simulate --task examples.wine_task:task --nodes 4 --iid --rounds 20
 """
 
 from __future__ import annotations
@@ -32,4 +35,16 @@ def load_data(seed: int) -> TaskData:
     )
 
 
-task = Task(name="wine", make_model=make_model, load_data=load_data)
+task = Task(
+    name="wine",
+    make_model=make_model,
+    load_data=load_data,
+    defaults={
+        "optimizer": "adamw",
+        "learning-rate": 0.01,
+        "weight-decay": 0.01,
+        "lr-schedule": "cosine",
+        "local-epochs": 2,
+        "batch-size": 16,
+    },
+)

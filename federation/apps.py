@@ -2,24 +2,37 @@
 
 The same `make_client_app` / `make_server_app` as the simulation, resolved from Flower's string
 configs instead: a SuperNode's `--node-config` and the run's `--run-config`. Both are turned into
-typed settings on first use; a missing or mistyped key fails with a message naming it.
+typed settings on first use; a missing or mistyped key fails with a message naming it. In both,
+an empty value ("") counts as not set.
 
 Node config (per partner, `flower-supernode --node-config "..."`):
-    key              path of the partner's private key (weft keygen)
-    coordinator-key  path of the coordinator's public key (the only key models are trusted from)
-    federation-id    federation this node serves
-    workdir          folder where the node keeps its latest local model
-    partition-id / num-partitions   which slice of the task's bundled data this node holds
-    task (default: digits), alpha (default: 0 = IID), data-seed (default: 0), device (default: auto)
+    key                 path of the partner's private key (weft keygen)
+    coordinator-key     path of the coordinator's public key (the only key models are trusted from)
+    federation-id       federation this node serves
+    workdir             folder where the node keeps its latest local (and personalized) model
+    data-dir            the partner's own data folder, read by the task's local data recipe (for the
+                        built-in digits and synthetic tasks: *.csv files of feature values and an integer
+                        label per row). The data and the path itself never leave the node.
+    task                (default: digits) built-in name or module:attr; the same task as the run's
+    model-dir           (optional) checkpoint folder the partner holds, for task factories such as lm
+    personalize-epochs  (default: 0) local epochs of fine-tuning on the final model, kept by the partner,
+                        when the operator's run asks for personalization
+    seed                (default: 0) node-local seed mixed into the round's shuffling seed
+    device              (default: auto) auto, cpu or cuda[:N]
 
-Run config (at the operator, `flwr run <app> <connection> --run-config "..."`): every RunConfig key, plus
-    manifest         path of the federation manifest (JSON)
-    coordinator-key  path of the coordinator's private key
-    out-dir          folder for the run's record
-    run-id           optional; a fresh id is generated when absent
+Run config (at the operator, `flwr run <app> <connection> --run-config "..."`): every RunConfig key
+(a key left out takes the task's preferred value, then weft's default), plus
+    manifest              path of the federation manifest (JSON)
+    coordinator-key       path of the coordinator's private key
+    out-dir               folder for the run's record
+    run-id                optional; a fresh id is generated when absent
+    personalize           optional (default false): after the last round, ask every node to fine-tune the
+                          final model locally (for its own `personalize-epochs`) and report before/after
+    federated-evaluation  optional (default true): ask every node to evaluate each new global model on
+                          its own validation split (only declared metrics come back)
 The SuperLink refuses `--run-config` keys that the app's [tool.flwr.app.config] does not declare, so
-the operator's app folder declares these four with "" defaults; "" counts as not set. Write that
-folder with `python -m federation.apps FOLDER` (`write_app`; docs/DEPLOY.md).
+the operator's app folder declares all of them with "" (not set). Write that folder with
+`python -m federation.apps FOLDER` (`write_app`; docs/DEPLOY.md).
 """
 
 from __future__ import annotations
@@ -35,16 +48,24 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-import torch
 from flwr.app import Context
 
 from coordinator import CoordinatorRuntime, CoordinatorSettings, make_server_app
-from federation.config import ConfigError, RunConfig
-from federation.partition import partition, train_val_split
-from federation.simulation import CentralEvaluator
-from federation.tasks import load_task
+from federation.config import ConfigError, RunConfig, resolve_run_config
+from federation.errors import TaskError
+from federation.evaluation import CentralEvaluator
+from federation.simulation import initial_model, instructions
+from federation.tasks import (
+    LocalData,
+    SimulationData,
+    Task,
+    TaskOptions,
+    check_model,
+    check_task,
+    load_local,
+    load_task,
+)
 from node import NodeRuntime, make_client_app, pick_device
-from node.arrays import model_to_arrays
 from protocols import Manifest, load_public_key, load_signing_key
 
 
@@ -56,17 +77,24 @@ class NodeSettings:
     coordinator_key: Path
     federation_id: str
     workdir: Path
-    partition_id: int
-    num_partitions: int
+    data_dir: Path
     task: str = "digits"
-    alpha: float = 0.0
-    data_seed: int = 0
+    model_dir: Path | None = None
+    personalize_epochs: int = 0
+    seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.personalize_epochs < 0:
+            raise ConfigError("node config: personalize-epochs must be >= 0")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError("node config: seed must be a non-negative integer")
 
     @classmethod
     def from_node_config(cls, values: Mapping[str, Any]) -> NodeSettings:
-        """Parse Flower's node_config; errors name the key."""
-        return _parse(cls, values, "node config")
+        """Parse Flower's node_config ("" counts as not set); errors name the key."""
+        settings: NodeSettings = _parse(cls, {k: v for k, v in values.items() if v != ""}, "node config")
+        return settings
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,8 @@ class DeploymentSettings:
     coordinator_key: Path
     out_dir: Path
     run_id: str = ""
+    personalize: bool = False
+    federated_evaluation: bool = True
 
 
 def resolve_node(context: Context) -> NodeRuntime:
@@ -86,40 +116,72 @@ def resolve_node(context: Context) -> NodeRuntime:
 
 @lru_cache(maxsize=4)
 def _node_runtime(s: NodeSettings) -> NodeRuntime:
-    task = load_task(s.task)
-    data = task.load_data(s.data_seed).train
-    parts = partition(data.labels, s.num_partitions, s.alpha if s.alpha > 0 else None, s.data_seed)
-    if not 0 <= s.partition_id < s.num_partitions:
-        raise ConfigError(f"node config: partition-id must be in [0, {s.num_partitions})")
-    local = data.subset(parts[s.partition_id])
-    train, val = train_val_split(len(local), s.data_seed, s.partition_id)
+    try:
+        task = load_task(s.task, TaskOptions(s.model_dir))
+    except TaskError as exc:
+        raise TaskError(f"node config: {exc}") from exc
+    data = _local_data(task, s.data_dir)
+    try:
+        device = pick_device(s.device)
+    except (ValueError, RuntimeError) as exc:
+        raise ConfigError(f"node config: device: {exc}") from exc
     return NodeRuntime(
         identity=load_signing_key(s.key),
         coordinator_key=load_public_key(s.coordinator_key),
         federation_id=s.federation_id,
         task=task.name,
         make_model=task.make_model,
-        train_data=local.subset(train).to_dataset(),
-        val_data=local.subset(val).to_dataset(),
+        train_data=data.train,
+        val_data=data.val,
         workdir=s.workdir,
-        device=pick_device(s.device),
-        seed=s.partition_id,
+        device=device,
+        seed=s.seed,
+        recipe=task.recipe,
+        subset=task.subset,
+        personalize_epochs=s.personalize_epochs,
     )
 
 
+def _local_data(task: Task, data_dir: Path) -> LocalData:
+    """The partner's own data (`load_local`); every error names the key and the folder or file.
+
+    The message is only ever logged on the node: a failing node sends a fixed code and text.
+    """
+    try:
+        return load_local(task, data_dir)
+    except TaskError as exc:
+        detail = str(exc) if "data-dir" in str(exc) else f"data-dir {data_dir}: {exc}"
+        raise TaskError(f"node config: {detail}") from exc
+
+
 def resolve_coordinator(context: Context) -> CoordinatorRuntime:
-    """CoordinatorRuntime from the run's run_config."""
-    values = dict(context.run_config)
+    """CoordinatorRuntime from the run's run_config.
+
+    The run's settings are resolved as in `weft simulate`: weft's defaults, then the task's preferred
+    values, then the keys the operator set.
+    """
+    values = {k: v for k, v in dict(context.run_config).items() if v != ""}
     run_keys = {f.name.replace("_", "-") for f in fields(RunConfig)}
-    run = RunConfig.from_mapping({k: v for k, v in values.items() if k in run_keys})
+    explicit = {k: v for k, v in values.items() if k in run_keys}
     # The app declares the deployment keys with "" defaults (the SuperLink refuses override keys the
     # FAB does not declare); "" counts as not set, so a forgotten path fails naming its key.
-    dep_values = {k: v for k, v in values.items() if k not in run_keys and v != ""}
-    dep = _parse(DeploymentSettings, dep_values, "run config")
+    dep: DeploymentSettings = _parse(
+        DeploymentSettings, {k: v for k, v in values.items() if k not in run_keys}, "run config"
+    )
+    defaults = RunConfig()
+    model_dir = str(explicit.get("model-dir", defaults.model_dir))
+    try:
+        task = load_task(str(explicit.get("task", defaults.task)), TaskOptions(Path(model_dir) if model_dir else None))
+    except TaskError as exc:
+        raise TaskError(f"run config: {exc}") from exc
+    run = resolve_run_config(explicit, {"exchange": task.exchange, **task.defaults}, "run config")
+    held_out = _held_out(task, run.seed)
     manifest = Manifest.load(dep.manifest)
-    task = load_task(run.task)
-    data = task.load_data(run.seed)
-    torch.manual_seed(run.seed)
+    spec = run.exchange_spec()
+    try:
+        start = initial_model(task, spec, run.seed)
+    except ValueError as exc:
+        raise ConfigError(f"run config: exchange: {exc}") from exc
     return CoordinatorRuntime(
         settings=CoordinatorSettings(
             federation_id=manifest.federation_id,
@@ -127,16 +189,33 @@ def resolve_coordinator(context: Context) -> CoordinatorRuntime:
             task=task.name,
             rounds=run.rounds,
             out_dir=dep.out_dir,
-            train_config=run.train_config(),
+            train_config=instructions(run, spec, start.frozen),
+            record_config={
+                **run.to_json(),
+                "personalize": dep.personalize,
+                "federated-evaluation": dep.federated_evaluation,
+            },
             quorum=run.quorum,
             round_timeout_s=run.round_timeout_s,
+            target_metric=task.recipe.target,
+            maximize=task.recipe.maximize,
+            personalize=dep.personalize,
+            federated_evaluation=dep.federated_evaluation,
         ),
         identity=load_signing_key(dep.coordinator_key),
         manifest=manifest,
-        initial_arrays=model_to_arrays(task.make_model()),
-        central_eval=CentralEvaluator(task, data.test),
-        central_eval_data=data.description,
+        initial_arrays=start.arrays(),
+        central_eval=CentralEvaluator(task, spec, held_out.test) if held_out else None,
+        central_eval_data=held_out.description if held_out else "",
     )
+
+
+def _held_out(task: Task, seed: int) -> SimulationData | None:
+    """The task's held-out test set for the coordinator's evaluation; None for a task without one."""
+    if task.simulation_data is None and task.load_data is None:
+        check_model(task)  # a broken model recipe still fails here, before any node is asked
+        return None
+    return check_task(task, seed)
 
 
 def _parse(cls: type[Any], values: Mapping[str, Any], source: str) -> Any:
@@ -150,16 +229,22 @@ def _parse(cls: type[Any], values: Mapping[str, Any], source: str) -> Any:
         raise ConfigError(f"{source}: missing required key(s) {missing}")
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        kind = by_key[key].type
+        kind = str(by_key[key].type)
         try:
-            if kind in ("Path", Path):
+            if kind in ("Path", "Path | None"):
                 kwargs[by_key[key].name] = Path(str(value))
-            elif kind in ("int", int):
+            elif kind == "int":
                 if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
                     raise ValueError
                 kwargs[by_key[key].name] = int(value)
-            elif kind in ("float", float):
+            elif kind == "float":
+                if isinstance(value, bool):
+                    raise ValueError
                 kwargs[by_key[key].name] = float(value)
+            elif kind == "bool":
+                if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+                    raise ValueError
+                kwargs[by_key[key].name] = value if isinstance(value, bool) else str(value).lower() == "true"
             else:
                 kwargs[by_key[key].name] = str(value)
         except ValueError:
@@ -171,13 +256,13 @@ def write_app(folder: Path) -> Path:
     """Write the operator's config-only Flower App (`folder/pyproject.toml`) for `flwr run FOLDER ...`.
 
     The FAB `flwr run` builds from it holds no code: the SuperLink and every SuperNode import
-    `federation.apps` from the weft they installed themselves. Its run config is RunConfig's
-    defaults plus the deployment keys (empty, to be set with `--run-config`).
+    `federation.apps` from the weft they installed themselves. Its run config declares every
+    RunConfig key and the deployment keys with "" (not set), so `--run-config` carries only what the
+    operator sets, and a key left out takes the task's preferred value or weft's default.
     """
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", folder.name):
         raise ConfigError(f"app folder {folder}: Flower needs a name of letters, digits and hyphens, e.g. weft-app")
-    defaults = RunConfig()
-    config: dict[str, Any] = {f.name.replace("_", "-"): getattr(defaults, f.name) for f in fields(RunConfig)}
+    config: dict[str, Any] = {f.name.replace("_", "-"): "" for f in fields(RunConfig)}
     config.update({f.name.replace("_", "-"): "" for f in fields(DeploymentSettings)})
     meta = importlib.metadata.metadata("weft")
     doc = {
@@ -200,7 +285,9 @@ def write_app(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pyproject.toml"
     path.write_text(
-        "# Written by `python -m federation.apps`: a config-only Flower App for `flwr run`.\n" + tomli_w.dumps(doc)
+        "# Written by `python -m federation.apps`: a config-only Flower App for `flwr run`.\n"
+        "# Every key is \"\" (not set): the task's preferred value, then weft's default, applies.\n"
+        + tomli_w.dumps(doc)
     )
     return path
 

@@ -11,9 +11,10 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from federation.config import RunConfig, SimulationConfig, parse_adversaries
+from federation.config import PARTITIONS, RunConfig, SimulationConfig, parse_adversaries, resolve_run_config
 from federation.errors import ConfigError, TaskError
 
 
@@ -41,27 +42,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from coordinator import NotEnoughNodes, QuorumNotReached
-    from federation.plots import plot_metrics
+    from federation.plots import plot_metrics, run_title
     from federation.progress import RoundProgress
-    from federation.simulation import simulate
-    from federation.tasks import load_task
+    from federation.simulation import resolve_partition, simulate
+    from federation.tasks import TaskOptions, load_task
 
     sys.path.insert(0, os.getcwd())  # user task modules next to where weft is run (Ray inherits it)
-    defaults = RunConfig()
-    run = RunConfig(
-        task=args.task,
-        rounds=args.rounds if args.rounds is not None else defaults.rounds,
-        local_epochs=args.local_epochs if args.local_epochs is not None else defaults.local_epochs,
-        learning_rate=args.lr if args.lr is not None else defaults.learning_rate,
-        batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
-        seed=args.seed,
-        quorum=args.quorum if args.quorum is not None else defaults.quorum,
-    )
+    explicit = _explicit_run_values(args)
+    task_ref = str(explicit.get("task", RunConfig().task))
+    if explicit.get("model-dir"):  # recorded absolute, so `weft export` finds the base from anywhere
+        explicit["model-dir"] = str(Path(str(explicit["model-dir"])).resolve())
+    model_dir = str(explicit.get("model-dir", ""))
+    # fail on a bad task path before Ray starts; the task's preferred settings sit under the user's flags
+    task = load_task(task_ref, TaskOptions(Path(model_dir) if model_dir else None))
+    run = resolve_run_config(explicit, {"exchange": task.exchange, **task.defaults}, source="")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    partition = "iid" if args.iid else args.partition
     cfg = SimulationConfig(
         run=run,
         nodes=args.nodes,
-        alpha=None if args.iid else args.alpha,
+        alpha=None if partition == "iid" else args.alpha,
+        partition=partition,
+        personalize_epochs=args.personalize_epochs,
         adversaries=parse_adversaries(args.adversary),
         out_dir=out,
         ray_address=args.ray_address,
@@ -70,25 +72,30 @@ def _simulate(args: argparse.Namespace) -> int:
         federated_evaluation=not args.no_federated_eval,
         verbose=args.verbose,
     )
-    load_task(run.task)  # fail on a bad task path before Ray starts
-    split = "IID" if cfg.alpha is None else f"Dirichlet(alpha={cfg.alpha})"
-    adversaries = ", ".join(cfg.adversary_kinds) or "none"
-    print(
-        f"weft simulate: task {run.task}, {cfg.nodes} nodes ({split}), adversaries: {adversaries}, "
-        f"{run.rounds} rounds, seed {run.seed} -> {out}",
-        file=sys.stderr,
-    )
-    with RoundProgress(run.rounds) as progress:
+    cfg = resolve_partition(cfg)  # loads the task's data once (cached for the run)
+    title = run_title(cfg.run.to_json(), cfg.to_json())
+    print(f"weft simulate: {title}, adversaries: {', '.join(cfg.adversary_kinds) or 'none'} -> {out}", file=sys.stderr)
+    with RoundProgress(run.rounds, target=task.recipe.target) as progress:
         try:
             result = simulate(cfg, observer=progress)
         except (QuorumNotReached, NotEnoughNodes) as exc:
             print(f"weft: run failed: {exc}", file=sys.stderr)
             return 1
-    plot = plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"weft simulate: {run.task}, {split}")
+    plot = plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"weft simulate: {title}")
     summary = dict(result.summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
     print(f"record: {out}/  (metrics.jsonl, summary.json, global_model.npz, plot {plot.name})", file=sys.stderr)
     return 0
+
+
+def _explicit_run_values(args: argparse.Namespace) -> dict[str, object]:
+    """The RunConfig values the user gave as flags (kebab-case keys); the rest come from the task or weft."""
+    values = {}
+    for f in fields(RunConfig):
+        value = getattr(args, f"run_{f.name}", None)
+        if value is not None:
+            values[f.name.replace("_", "-")] = value
+    return values
 
 
 # ---- keys and models ------------------------------------------------------------------------------------
@@ -116,6 +123,20 @@ def _verify_model(args: argparse.Namespace) -> int:
     print(
         f"OK: signed by the coordinator; federation {env.federation_id}, run {env.run_id}, "
         f"round {env.round}, task {env.task}, digest {env.model_digest.hex()}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from federation.export import export_run
+
+    sys.path.insert(0, os.getcwd())  # the run's task module may sit next to where weft is run
+    key = Path(args.coordinator_key) if args.coordinator_key else None
+    result = export_run(Path(args.run_dir), Path(args.out), coordinator_key=key, adapters_only=args.adapters_only)
+    tokenizer = " with its tokenizer" if result.tokenizer else ""
+    print(
+        f"exported {result.exported} of run {result.run_id} (federation {result.federation_id}, round {result.round}, "
+        f"digest {result.model_digest[:16]}){tokenizer} -> {result.out}"
     )
     return 0
 
@@ -151,28 +172,57 @@ def _manifest_add(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------------------------
 
 
+FLAG_ALIASES = {"learning_rate": ["--lr"]}
+"""Short spellings kept from the first edition of the CLI."""
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, typed and documented from the field itself (no default repeated here)."""
+    defaults = RunConfig()
+    group = parser.add_argument_group("run settings (federation.config.RunConfig)")
+    for f in fields(RunConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(
+            flag,
+            *FLAG_ALIASES.get(f.name, []),
+            dest=f"run_{f.name}",
+            type=type(default),
+            default=None,
+            metavar=type(default).__name__.upper(),
+            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weft", description="Consortium training with signed contributions.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    sim = sub.add_parser("simulate", help="run N nodes (and adversaries) on Flower's Ray simulation engine")
-    d = RunConfig()
-    sim.add_argument(
-        "--task", default=d.task, help="built-in task (digits, synthetic) or module:attr (default: %(default)s)"
+    sim = sub.add_parser(
+        "simulate",
+        help="run N nodes (and adversaries) on Flower's Ray simulation engine",
+        description="Every run setting below is a field of the typed run config (federation/config.py). "
+        "Unset flags take the task's preferred value (e.g. digits prefers Adam), else weft's default.",
     )
+    _add_run_flags(sim)
     sim.add_argument("--nodes", type=int, default=10, help="honest nodes (default: %(default)s)")
-    sim.add_argument("--rounds", type=int, help=f"training rounds (default: {d.rounds})")
+    sim.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default="auto",
+        help="how the pool is split: iid, dirichlet (label skew), natural (by owner), or auto: dirichlet when "
+        "the task's data has class labels, else natural when it has owners, else iid (default: %(default)s)",
+    )
     sim.add_argument(
         "--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (default: %(default)s)"
     )
-    sim.add_argument("--iid", action="store_true", help="split IID instead of Dirichlet")
+    sim.add_argument("--iid", action="store_true", help="same as --partition iid")
     sim.add_argument(
-        "--seed", type=int, default=d.seed, help="seed of model init, split and shuffling (default: %(default)s)"
+        "--personalize-epochs",
+        type=int,
+        default=0,
+        help="after the last round, each node fine-tunes the final model locally and keeps it (default: 0)",
     )
-    sim.add_argument("--local-epochs", type=int, help=f"local epochs per round (default: {d.local_epochs})")
-    sim.add_argument("--lr", type=float, help=f"local SGD learning rate (default: {d.learning_rate})")
-    sim.add_argument("--batch-size", type=int, help=f"local batch size (default: {d.batch_size})")
-    sim.add_argument("--quorum", type=float, help=f"fraction of members a round needs (default: {d.quorum})")
     sim.add_argument(
         "--adversary",
         default="",
@@ -200,6 +250,18 @@ def _parser() -> argparse.ArgumentParser:
     vm.add_argument("model", help="path to a .npz written by the coordinator")
     vm.add_argument("--coordinator-key", required=True, help="the coordinator's public key (.pub)")
     vm.set_defaults(func=_verify_model)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a finished run's signed global model as a Hugging Face model directory",
+        description="Verifies RUN_DIR/global_model.npz against the coordinator key, rebuilds the task's model and "
+        "writes it with save_pretrained (safetensors). LoRA runs are merged into the base unless --adapters-only.",
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a `weft simulate --out` folder of a completed run")
+    ex.add_argument("--out", required=True, help="new (or empty) folder for the model")
+    ex.add_argument("--coordinator-key", help="the coordinator's public key (default: RUN_DIR/keys/coordinator.pub)")
+    ex.add_argument("--adapters-only", action="store_true", help="LoRA runs: write the adapters, not the merged model")
+    ex.set_defaults(func=_export)
 
     man = sub.add_parser("manifest", help="create or extend a federation manifest")
     man_sub = man.add_subparsers(required=True, metavar="ACTION")

@@ -28,55 +28,125 @@ ADVERSARY_REASONS: dict[str, str] = {
 """Each adversary kind, and the reason the coordinator must give when rejecting it."""
 
 
+def _field(default: Any, help: str) -> Any:
+    """A config field with its help text (the CLI flag's help is generated from it)."""
+    return field(default=default, metadata={"help": help})
+
+
+LR_SCHEDULES = ("constant", "cosine")
+PARTITIONS = ("auto", "iid", "dirichlet", "natural")
+"""auto: dirichlet when the task's pool has class labels, else natural when it has owner keys, else iid."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """What a run trains and how rounds are run (shared by simulation and deployment)."""
+    """What a run trains and how (shared by simulation and deployment).
 
-    task: str = "digits"
-    """Built-in task name or `module:attr` import path."""
-    rounds: int = 30
-    """Training rounds."""
-    local_epochs: int = 5
-    """Local passes over each node's training split per round."""
-    learning_rate: float = 0.1
-    """Local SGD learning rate."""
-    batch_size: int = 32
-    """Local mini-batch size."""
-    momentum: float = 0.9
-    """Local SGD momentum."""
-    seed: int = 0
-    """Seeds the model initialisation, the data split and local shuffling."""
-    quorum: float = 0.5
-    """Fraction of manifest members whose accepted updates a round needs."""
-    round_timeout_s: float = 600.0
-    """How long a round waits for replies."""
+    Each field is a kebab-case run-config key and a `weft simulate` flag. A task may prefer other
+    values (`Task.defaults`, e.g. Adam); `resolve_run_config` applies them under the user's own.
+    """
+
+    task: str = _field("digits", "built-in task (digits, synthetic, lm) or module:attr")
+    model_dir: str = _field("", "causal-LM checkpoint folder the task builds on (task factories such as lm)")
+    rounds: int = _field(30, "training rounds")
+    local_epochs: int = _field(5, "local passes over each node's training split per round")
+    max_steps: int = _field(0, "cap on local optimizer steps per round (0: none)")
+    optimizer: str = _field("sgd", "local optimizer: sgd, adam or adamw")
+    learning_rate: float = _field(0.1, "local learning rate (peak, when a schedule is set)")
+    lr_schedule: str = _field("constant", "learning rate across rounds: constant or cosine")
+    warmup_rounds: int = _field(0, "rounds of linear learning-rate warm-up")
+    min_lr_ratio: float = _field(0.1, "cosine schedule: final learning rate as a fraction of the peak")
+    momentum: float = _field(0.9, "SGD momentum")
+    weight_decay: float = _field(0.0, "weight decay (decoupled for adamw)")
+    beta1: float = _field(0.9, "Adam/AdamW beta1")
+    beta2: float = _field(0.999, "Adam/AdamW beta2")
+    grad_clip: float = _field(0.0, "clip local gradient norm (0: off)")
+    batch_size: int = _field(32, "local mini-batch size")
+    exchange: str = _field("all", "what crosses the border: all, lora (adapters over a frozen base) or subset")
+    lora_rank: int = _field(8, "LoRA rank")
+    lora_alpha: float = _field(16.0, "LoRA alpha")
+    lora_dropout: float = _field(0.0, "LoRA dropout")
+    lora_targets: str = _field("", "comma-separated module names for LoRA (empty: peft's default)")
+    seed: int = _field(0, "seed of model init, data split and shuffling")
+    quorum: float = _field(0.5, "fraction of manifest members whose accepted updates a round needs")
+    round_timeout_s: float = _field(600.0, "how long a round waits for replies (s)")
 
     def __post_init__(self) -> None:
+        from node import EXCHANGES, OPTIMIZERS  # torch: imported only when a run is built
+
         _require(self.rounds >= 1, "rounds", "must be >= 1")
         _require(self.local_epochs >= 1, "local-epochs", "must be >= 1")
+        _require(self.max_steps >= 0, "max-steps", "must be >= 0")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate", "must be > 0")
-        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        _require(self.lr_schedule in LR_SCHEDULES, "lr-schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+        _require(0 <= self.warmup_rounds < self.rounds, "warmup-rounds", "must be in [0, rounds)")
+        _require(0 < self.min_lr_ratio <= 1, "min-lr-ratio", "must be in (0, 1]")
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight-decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad-clip", "must be >= 0")
+        _require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        _require(self.exchange in EXCHANGES, "exchange", f"must be one of {', '.join(EXCHANGES)}")
+        _require(self.lora_rank >= 1, "lora-rank", "must be >= 1")
+        _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora-alpha", "must be > 0")
+        _require(0 <= self.lora_dropout < 1, "lora-dropout", "must be in [0, 1)")
         _require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
         _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         _require(self.round_timeout_s > 0, "round-timeout-s", "must be > 0")
 
-    def train_config(self) -> dict[str, ConfigValue]:
-        """The instructions signed into every global model envelope."""
+    def learning_rate_at(self, round_: int) -> float:
+        """The learning rate of training round `round_` (1-based): warm-up, then constant or cosine."""
+        if round_ <= self.warmup_rounds:
+            return self.learning_rate * round_ / (self.warmup_rounds + 1)
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        span = max(self.rounds - self.warmup_rounds - 1, 1)
+        progress = (round_ - self.warmup_rounds - 1) / span
+        floor = self.min_lr_ratio
+        return self.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def train_config(self, round_: int = 1) -> dict[str, ConfigValue]:
+        """The training instructions of round `round_`, signed into the global model envelope before it."""
         from node import TrainConfig  # torch: imported only when a run is built
 
         return TrainConfig(
             local_epochs=self.local_epochs,
-            learning_rate=self.learning_rate,
+            max_steps=self.max_steps,
+            optimizer=self.optimizer,
+            learning_rate=self.learning_rate_at(round_),
             momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            grad_clip=self.grad_clip,
             batch_size=self.batch_size,
             seed=self.seed,
         ).to_config()
 
+    def exchange_spec(self) -> Any:
+        """The node.ExchangeSpec of this run."""
+        from node import ExchangeSpec
+
+        return ExchangeSpec(self.exchange, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field by kebab-case key (recorded in summary.json)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> RunConfig:
-        """Build from kebab-case keys (Flower's run_config); unknown keys are errors."""
-        return _from_mapping(cls, values, source)
+        """Build from kebab-case keys (Flower's run_config); unknown keys are errors, "" means not set."""
+        return _from_mapping(cls, {k: v for k, v in values.items() if v != ""}, source)
+
+
+def resolve_run_config(explicit: Mapping[str, Any], task_defaults: Mapping[str, Any], source: str) -> RunConfig:
+    """The run's configuration: weft's defaults, then the task's preferences, then the user's own values."""
+    unknown = sorted(set(task_defaults) - {f.name.replace("_", "-") for f in fields(RunConfig)})
+    if unknown:
+        raise ConfigError(f"task defaults: unknown key(s) {unknown}")
+    return RunConfig.from_mapping({**task_defaults, **explicit}, source)
 
 
 @dataclass(frozen=True)
@@ -88,6 +158,10 @@ class SimulationConfig:
     """Honest nodes, each with its own partition of the training pool."""
     alpha: float | None = 0.5
     """Dirichlet concentration for label skew; None for an IID split."""
+    partition: str = "auto"
+    """iid, dirichlet (label skew with `alpha`), natural (by the data's owner key, e.g. a source) or auto."""
+    personalize_epochs: int = 0
+    """After the last round, each node fine-tunes the final model locally for this many epochs and keeps it."""
     adversaries: Mapping[str, int] = field(default_factory=dict)
     """Extra adversarial nodes by kind (see ADVERSARY_REASONS); they never change honest data."""
     out_dir: Path = Path("runs/simulate")
@@ -108,6 +182,8 @@ class SimulationConfig:
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "nodes", "must be >= 1")
         _require(self.alpha is None or (math.isfinite(self.alpha) and self.alpha > 0), "alpha", "must be > 0")
+        _require(self.partition in PARTITIONS, "partition", f"must be one of {', '.join(PARTITIONS)}")
+        _require(self.personalize_epochs >= 0, "personalize-epochs", "must be >= 0")
         for kind, count in self.adversaries.items():
             _require(
                 kind in ADVERSARY_REASONS,
@@ -117,6 +193,18 @@ class SimulationConfig:
             _require(count >= 0, "adversary", f"count for {kind!r} must be >= 0")
         _require(self.cpus_per_node > 0, "cpus-per-node", "must be > 0")
         _require(self.gpus_per_node >= 0, "gpus-per-node", "must be >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        """The simulation's own settings (the run's are in `run`), for summary.json."""
+        return {
+            "nodes": self.nodes,
+            "partition": self.partition,
+            "alpha": self.alpha if self.partition == "dirichlet" else None,
+            "adversaries": dict(self.adversaries),
+            "federated-evaluation": self.federated_evaluation,
+            "personalize-epochs": self.personalize_epochs,
+            "federation-id": self.federation_id,
+        }
 
     @property
     def adversary_kinds(self) -> list[str]:
@@ -153,6 +241,7 @@ def _require(ok: bool, name: str, problem: str) -> None:
 
 
 def _from_mapping(cls: type[RunConfig], values: Mapping[str, Any], source: str) -> RunConfig:
+    """Typed RunConfig from kebab-case keys; every problem names its key."""
     defaults = cls()
     known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -161,11 +250,11 @@ def _from_mapping(cls: type[RunConfig], values: Mapping[str, Any], source: str) 
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         want = type(getattr(defaults, known[key]))
-        kwargs[known[key]] = _coerce(value, want, f"{source}: {key}")
+        kwargs[known[key]] = _coerce(value, want, f"{source}: {key}" if source else key)
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from exc
 
 
 def _coerce(value: Any, want: type, where: str) -> Any:

@@ -1,4 +1,8 @@
-"""Split a training pool across nodes: IID, or non-IID by a Dirichlet prior over labels.
+"""Split a training pool across nodes: IID, non-IID by a Dirichlet prior over labels, or natural.
+
+A natural split keeps each owner's examples together (an owner is a hospital, a source, a package
+of the Python standard library): owners are dealt to nodes largest first, each to the node with the
+fewest examples so far, so every node holds whole owners and the sizes stay close.
 
 Dirichlet(alpha) label skew follows Hsu et al., arXiv:1909.06335: for every class, draw the share
 each node gets from Dir(alpha * 1); small alpha gives each node few classes. Both splits are a pure
@@ -6,6 +10,8 @@ function of their arguments (seeded numpy Generator).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,6 +24,29 @@ def partition(labels: np.ndarray, parts: int, alpha: float | None, seed: int) ->
     if alpha is None:
         return iid_partition(len(labels), parts, seed)
     return dirichlet_partition(labels, parts, alpha, seed)
+
+
+def natural_partition(owners: Sequence[str], parts: int) -> list[np.ndarray]:
+    """Whole owners per node, balanced greedily by size (deterministic; no seed needed)."""
+    _check(len(owners), parts)
+    keys = np.asarray(owners, dtype=object)
+    names, counts = np.unique(keys, return_counts=True)
+    if len(names) < parts:
+        raise ValueError(f"the data has {len(names)} owner(s); a natural split needs at least one per node ({parts})")
+    order = sorted(range(len(names)), key=lambda i: (-int(counts[i]), str(names[i])))
+    loads = [0] * parts
+    assigned: list[list[str]] = [[] for _ in range(parts)]
+    for i in order:
+        node = min(range(parts), key=lambda k: (loads[k], k))
+        assigned[node].append(str(names[i]))
+        loads[node] += int(counts[i])
+    return [np.flatnonzero(np.isin(keys, np.asarray(group, dtype=object))) for group in assigned]
+
+
+def owners_of(owners: Sequence[str], parts: int) -> list[list[str]]:
+    """Which owners each node gets under `natural_partition` (for the record)."""
+    keys = np.asarray(owners, dtype=object)
+    return [sorted({str(k) for k in keys[idx]}) for idx in natural_partition(owners, parts)]
 
 
 def train_val_split(n: int, seed: int, node: int) -> tuple[np.ndarray, np.ndarray]:

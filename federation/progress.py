@@ -15,7 +15,8 @@ from coordinator import Accepted, Rejected, RoundReport
 class RoundProgress:
     """An `coordinator.Observer` that renders rounds, replies and accuracy as they happen."""
 
-    def __init__(self, rounds: int, console: Console | None = None) -> None:
+    def __init__(self, rounds: int, console: Console | None = None, target: str = "accuracy") -> None:
+        self.target = target
         self.console = console or Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]round"),
@@ -57,19 +58,20 @@ class RoundProgress:
 
     def round_finished(self, report: RoundReport) -> None:
         """Print the round's line and advance the bar."""
-        acc = report.central.get("accuracy")
+        acc = report.central.get(self.target)
         loss = report.central.get("loss")
         rejected = ", ".join(f"{k}={v}" for k, v in sorted(self._bad.items())) or "none"
         line = (
             f"round {report.round:>3}  accepted {len(report.accepted):>3}  "
             f"rejected {len(report.rejected):>2} ({rejected})"
-            + (f"  accuracy {acc:.4f}  loss {loss:.4f}" if acc is not None and loss is not None else "")
+            + (f"  {self.target} {acc:.4f}" if acc is not None and self.target != "loss" else "")
+            + (f"  loss {loss:.4f}" if loss is not None else "")
             + f"  {report.duration_s:.1f}s"
         )
         with self._lock:
             self._progress.console.print(line)
             self._progress.advance(self._task)
-            self._update(f"accuracy {acc:.4f}" if acc is not None else "")
+            self._update(f"{self.target} {acc:.4f}" if acc is not None else "")
 
     def _update(self, description: str) -> None:
         self._progress.update(self._task, description=description)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Context
+from torch.utils.data import Subset
 
 from coordinator import (
     CoordinatorRuntime,
@@ -28,13 +29,14 @@ from coordinator import (
     make_server_app,
 )
 from federation.adversary import Adversaries
-from federation.config import SimulationConfig
+from federation.config import RunConfig, SimulationConfig
 from federation.errors import ConfigError
-from federation.partition import partition, train_val_split
-from federation.tasks import LabeledArrays, Task, TaskData, check_task, load_task
-from node import NodeRuntime, evaluate_local, make_client_app, pick_device
-from node.arrays import load_arrays, model_to_arrays
+from federation.evaluation import CentralEvaluator
+from federation.partition import dirichlet_partition, iid_partition, natural_partition, owners_of, train_val_split
+from federation.tasks import SimulationData, Task, TaskOptions, check_task, load_task
+from node import ExchangeSpec, LocalModel, NodeRuntime, make_client_app, pick_device
 from protocols import (
+    ConfigValue,
     Manifest,
     Member,
     SigningKey,
@@ -42,12 +44,14 @@ from protocols import (
     load_signing_key,
     save_public_key,
     save_signing_key,
+    wire,
 )
 
 for _var, _value in {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's future default; silences its warning on CPU nodes
 }.items():
     os.environ.setdefault(_var, _value)
 
@@ -61,10 +65,13 @@ class SimulatedNodes:
 
     task: str
     seed: int
+    partition: str
     alpha: float | None
     honest: int
     federation_id: str
     home: Path
+    model_dir: str = ""
+    personalize_epochs: int = 0
 
     def __call__(self, context: Context) -> NodeRuntime:
         return _node_runtime(self, int(context.node_config["partition-id"]))
@@ -73,19 +80,19 @@ class SimulatedNodes:
         """A simulated node's private key file."""
         return self.home / "keys" / f"node-{pid:03d}.key"
 
-    def local_data(self, pid: int) -> tuple[LabeledArrays, LabeledArrays]:
+    def local_data(self, pid: int) -> tuple[Subset, Subset]:
         """(train, validation) of node `pid`; adversaries reuse a copy of an honest partition."""
-        data = _task_data(self.task, self.seed)
-        parts = _partitions(self.task, self.seed, self.alpha, self.honest)
-        local = data.train.subset(parts[pid % self.honest])
+        data = _task_data(self.task, self.model_dir, self.seed)
+        parts = _partitions(self.task, self.model_dir, self.seed, self.partition, self.alpha, self.honest)
+        local = parts[pid % self.honest]
         train, val = train_val_split(len(local), self.seed, pid)
-        return local.subset(train), local.subset(val)
+        return Subset(data.pool, local[train].tolist()), Subset(data.pool, local[val].tolist())
 
 
 @lru_cache(maxsize=256)
 def _node_runtime(nodes: SimulatedNodes, pid: int) -> NodeRuntime:
     torch.set_num_threads(1)  # several simulated nodes share few cores
-    task = load_task(nodes.task)
+    task = _task(nodes.task, nodes.model_dir)
     train, val = nodes.local_data(pid)
     return NodeRuntime(
         identity=load_signing_key(nodes.key_path(pid)),
@@ -93,22 +100,51 @@ def _node_runtime(nodes: SimulatedNodes, pid: int) -> NodeRuntime:
         federation_id=nodes.federation_id,
         task=task.name,
         make_model=task.make_model,
-        train_data=train.to_dataset(),
-        val_data=val.to_dataset(),
+        train_data=train,
+        val_data=val,
         workdir=nodes.home / "nodes" / f"node-{pid:03d}",
         device=pick_device("auto"),
         seed=pid,
+        recipe=task.recipe,
+        subset=task.subset,
+        personalize_epochs=nodes.personalize_epochs,
     )
 
 
 @lru_cache(maxsize=4)
-def _task_data(task: str, seed: int) -> TaskData:
-    return check_task(load_task(task), seed)
+def _task(reference: str, model_dir: str) -> Task:
+    return load_task(reference, TaskOptions(Path(model_dir) if model_dir else None))
 
 
 @lru_cache(maxsize=4)
-def _partitions(task: str, seed: int, alpha: float | None, parts: int) -> list[np.ndarray]:
-    return partition(_task_data(task, seed).train.labels, parts, alpha, seed)
+def _task_data(reference: str, model_dir: str, seed: int) -> SimulationData:
+    return check_task(_task(reference, model_dir), seed)
+
+
+@lru_cache(maxsize=4)
+def _partitions(
+    reference: str, model_dir: str, seed: int, kind: str, alpha: float | None, parts: int
+) -> list[np.ndarray]:
+    data = _task_data(reference, model_dir, seed)
+    n = len(data.pool)  # type: ignore[arg-type]
+    if kind == "iid":
+        return iid_partition(n, parts, seed)
+    if kind == "natural":
+        if data.owners is None:
+            raise ConfigError(f"partition: task {reference!r} declares no owner key; use --partition iid or dirichlet")
+        return natural_partition(data.owners, parts)
+    if data.labels is None:
+        raise ConfigError(f"partition: task {reference!r} declares no class labels; use --partition iid or natural")
+    return dirichlet_partition(data.labels, parts, alpha or 0.5, seed)
+
+
+def resolve_partition(cfg: SimulationConfig) -> SimulationConfig:
+    """`cfg` with partition `auto` made concrete from what the task's pool declares (labels, owners)."""
+    if cfg.partition != "auto":
+        return cfg
+    data = _task_data(cfg.run.task, cfg.run.model_dir, cfg.run.seed)
+    kind = "dirichlet" if data.labels is not None else "natural" if data.owners is not None else "iid"
+    return replace(cfg, partition=kind, alpha=cfg.alpha if kind == "dirichlet" else None)
 
 
 # ---- coordinator side --------------------------------------------------------------------------------
@@ -116,17 +152,22 @@ def _partitions(task: str, seed: int, alpha: float | None, parts: int) -> list[n
 
 def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey]:
     """Create keys, partitions and the manifest under `cfg.out_dir`."""
+    cfg = resolve_partition(cfg)
     home = cfg.out_dir.resolve()
     if (home / "keys").exists() or (home / "summary.json").exists():
         raise FileExistsError(f"{home} already holds a simulation; choose another --out folder")
+    run = cfg.run
     # ---- everything that can fail on a user's input fails here, before any file is written ----
-    _task_data(cfg.run.task, cfg.run.seed)  # validates the task (check_task) and caches its data
+    _task_data(run.task, run.model_dir, run.seed)  # validates the task (check_task) and caches its data
     try:
-        _partitions(cfg.run.task, cfg.run.seed, cfg.alpha, cfg.nodes)
+        _partitions(run.task, run.model_dir, run.seed, cfg.partition, cfg.alpha, cfg.nodes)
     except ValueError as exc:
-        raise ConfigError(f"nodes / alpha: {exc}") from exc
+        raise ConfigError(f"nodes / partition: {exc}") from exc
     n_total = cfg.nodes + len(cfg.adversary_kinds)
-    nodes = SimulatedNodes(cfg.run.task, cfg.run.seed, cfg.alpha, cfg.nodes, cfg.federation_id, home)
+    nodes = SimulatedNodes(
+        run.task, run.seed, cfg.partition, cfg.alpha, cfg.nodes, cfg.federation_id, home, run.model_dir,
+        cfg.personalize_epochs,
+    )  # fmt: skip
     coordinator = SigningKey.generate()
     save_signing_key(coordinator, home / "keys" / "coordinator.key")
     save_public_key(coordinator.public_key, home / "keys" / "coordinator.pub")
@@ -139,34 +180,40 @@ def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey
             continue  # its key is never registered
         train, _ = nodes.local_data(pid)
         name = f"node-{pid:03d}" if kind is None else f"adversary-{pid:03d}-{kind}"
-        members.append(Member(name, key.public_key, jurisdiction="SIM", max_examples=len(train)))
+        members.append(Member(name, key.public_key, jurisdiction="SIM", max_examples=max(len(train), 1)))
     manifest = Manifest(cfg.federation_id, coordinator.public_key, tuple(members))
     manifest.save(home / "manifest.json")
     return nodes, manifest, coordinator
 
 
-@dataclass(frozen=True)
-class CentralEvaluator:
-    """Evaluates a global model on the task's held-out test split."""
+def initial_model(task: Task, spec: ExchangeSpec, seed: int) -> LocalModel:
+    """The round-0 model (seeded), whose exchanged arrays start the run and whose frozen digest is signed."""
+    torch.manual_seed(seed)
+    return LocalModel(task.make_model, spec, task.subset)
 
-    task: Task
-    test: LabeledArrays
 
-    def __call__(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-        model = self.task.make_model()
-        load_arrays(model, arrays)
-        stats = evaluate_local(model, self.test.to_dataset(), torch.device("cpu"))
-        return {"loss": stats.loss, "accuracy": stats.accuracy}
+def instructions(run: RunConfig, spec: ExchangeSpec, frozen: str) -> Callable[[int], dict[str, ConfigValue]]:
+    """The signed config of each round: training settings (scheduled learning rate), exchange spec, base digest."""
+
+    def of_round(round_: int) -> dict[str, ConfigValue]:
+        return {**run.train_config(round_), **spec.to_config(), wire.FROZEN_DIGEST: frozen}
+
+    return of_round
 
 
 def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
     """Run the simulation to completion; raise if the run fails (e.g. a quorum is missed)."""
     from flwr.simulation import run_simulation
 
+    cfg = resolve_partition(cfg)
     nodes, manifest, coordinator = prepare(cfg)
-    task = load_task(cfg.run.task)
-    data = _task_data(cfg.run.task, cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
+    task = _task(cfg.run.task, cfg.run.model_dir)
+    data = _task_data(cfg.run.task, cfg.run.model_dir, cfg.run.seed)
+    spec = cfg.run.exchange_spec()
+    try:
+        start = initial_model(task, spec, cfg.run.seed)
+    except ValueError as exc:
+        raise ConfigError(f"exchange: {exc}") from exc
     runtime = CoordinatorRuntime(
         settings=CoordinatorSettings(
             federation_id=cfg.federation_id,
@@ -174,18 +221,23 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
             task=task.name,
             rounds=cfg.run.rounds,
             out_dir=nodes.home,
-            train_config=cfg.run.train_config(),
+            train_config=instructions(cfg.run, spec, start.frozen),
+            record_config=_record_config(cfg, data),
             quorum=cfg.run.quorum,
             round_timeout_s=cfg.run.round_timeout_s,
             federated_evaluation=cfg.federated_evaluation,
+            target_metric=task.recipe.target,
+            maximize=task.recipe.maximize,
+            personalize=cfg.personalize_epochs > 0,
         ),
         identity=coordinator,
         manifest=manifest,
-        initial_arrays=model_to_arrays(task.make_model()),
-        central_eval=CentralEvaluator(task, data.test),
+        initial_arrays=start.arrays(),
+        central_eval=CentralEvaluator(task, spec, data.test),
         central_eval_data=data.description,
         observer=observer,
     )
+    del start
     results: list[RunResult] = []
     roles = {cfg.nodes + i: kind for i, kind in enumerate(cfg.adversary_kinds)}
     client_app = make_client_app(nodes, mods=[Adversaries(roles, nodes)] if roles else [])
@@ -201,6 +253,14 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
     if not results:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's log")
     return results[0]
+
+
+def _record_config(cfg: SimulationConfig, data: SimulationData) -> dict[str, object]:
+    """The complete resolved configuration for summary.json; a natural split also records who holds which owner."""
+    record: dict[str, object] = {**cfg.run.to_json(), **cfg.to_json()}
+    if cfg.partition == "natural" and data.owners is not None:
+        record["partition-owners"] = owners_of(data.owners, cfg.nodes)
+    return record
 
 
 def _backend_config(cfg: SimulationConfig) -> dict[str, dict[str, Any]]:

@@ -6,19 +6,23 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from node.arrays import from_record, load_arrays, model_to_arrays
+from node.arrays import from_record
 from node.egress import declared_metrics, evaluate_reply, train_reply
+from node.exchange import LocalModel, exchanged_arrays
+from node.instructions import PHASE_PERSONALIZE, Instructions
 from node.runtime import NodeRuntime
-from node.store import record_round, save_local_model
-from node.training import TrainConfig, evaluate_local, train_local
+from node.store import record_round, save_local_model, save_personal_model
+from node.training import Stats, evaluate_local, train_local
 from protocols import (
     DecodeError,
     GlobalModelEnvelope,
@@ -85,20 +89,19 @@ def handle_train(rt: NodeRuntime, msg: Message) -> Message:
     """Train on the verified global model; reply with the signed update."""
     try:
         envelope, arrays = receive_global(rt, msg)
-        config = TrainConfig.from_config(envelope.config)
+        todo = Instructions.from_config(envelope.config)
+        local = _local_model(rt, todo, arrays)
     except (RefusedModel, ValueError) as exc:
         return _refusal(msg, exc)
 
     # ---- train locally on private data --------------------------------------------------------
-    model = rt.make_model()
-    load_arrays(model, arrays)
     round_ = envelope.round + 1
-    seed = int(np.random.SeedSequence([config.seed, round_, rt.seed]).generate_state(1)[0])
-    stats = train_local(model, rt.train_data, config, rt.device, seed=seed)
-    update = model_to_arrays(model)
+    seed = int(np.random.SeedSequence([todo.train.seed, round_, rt.seed]).generate_state(1)[0])
+    stats = train_local(local.model, rt.train_data, todo.train, rt.device, seed=seed, recipe=rt.recipe)
+    update = local.arrays()
 
     # ---- sign exactly what leaves ---------------------------------------------------------------
-    metrics = declared_metrics({"train_loss": stats.loss, "train_accuracy": stats.accuracy}, rt.metric_allowlist)
+    metrics = declared_metrics(stats.prefixed("train"), rt.allowlist)
     signed_envelope = UpdateEnvelope(
         federation_id=envelope.federation_id,
         run_id=envelope.run_id,
@@ -111,20 +114,62 @@ def handle_train(rt: NodeRuntime, msg: Message) -> Message:
     )
     blob = sign_update(rt.identity, signed_envelope)
     save_local_model(rt.workdir, update, signed_envelope)
+    log.info(
+        "round %d: sent update %s (base %s), %d examples, metrics %s",
+        round_, signed_envelope.update_digest.hex()[:16], envelope.model_digest.hex()[:16],
+        stats.num_examples, sorted(metrics),
+    )  # fmt: skip
     return Message(train_reply(update, blob, stats.num_examples, metrics), reply_to=msg)
 
 
 def handle_evaluate(rt: NodeRuntime, msg: Message) -> Message:
-    """Evaluate the verified global model on the node's private validation split."""
+    """Evaluate the verified global model on the node's private validation split.
+
+    After the last round the coordinator asks with phase `personalize`: the node then also trains
+    a copy of the final model on its own data for `rt.personalize_epochs` epochs, keeps it in its
+    work folder, and reports its validation metrics before (`eval_*`) and after (`personal_*`).
+    """
     try:
-        _, arrays = receive_global(rt, msg)
+        envelope, arrays = receive_global(rt, msg)
+        todo = Instructions.from_config(envelope.config)
+        local = _local_model(rt, todo, arrays)
     except (RefusedModel, ValueError) as exc:
         return _refusal(msg, exc)
-    model = rt.make_model()
-    load_arrays(model, arrays)
-    stats = evaluate_local(model, rt.val_data, rt.device)
-    metrics = declared_metrics({"eval_loss": stats.loss, "eval_accuracy": stats.accuracy}, rt.metric_allowlist)
+    stats = evaluate_local(local.model, rt.val_data, rt.device, recipe=rt.recipe)
+    values = stats.prefixed("eval")
+    if todo.phase == PHASE_PERSONALIZE and rt.personalize_epochs > 0:
+        values.update(_personalize(rt, local, todo, envelope.round).prefixed("personal"))
+    metrics = declared_metrics(values, rt.allowlist)
     return Message(evaluate_reply(stats.num_examples, metrics), reply_to=msg)
+
+
+def _personalize(rt: NodeRuntime, local: LocalModel, todo: Instructions, round_: int) -> Stats:
+    """Fine-tune a copy of the final global model on local data; keep it; return its validation stats.
+
+    What is kept is the trainable part (all of it, or the adapters of a LoRA run, whose base is
+    the frozen one the coordinator signed).
+    """
+    personal = copy.deepcopy(local.model)
+    config = replace(todo.train, local_epochs=rt.personalize_epochs, max_steps=0)
+    seed = int(np.random.SeedSequence([config.seed, round_, rt.seed, 1]).generate_state(1)[0])
+    train_local(personal, rt.train_data, config, rt.device, seed=seed, recipe=rt.recipe)
+    after = evaluate_local(personal, rt.val_data, rt.device, recipe=rt.recipe)
+    save_personal_model(rt.workdir, exchanged_arrays(personal, local.names), after.metrics, rt.personalize_epochs)
+    log.info("personalized the final model for %d epoch(s): %s", rt.personalize_epochs, dict(after.metrics))
+    return after
+
+
+def _local_model(rt: NodeRuntime, todo: Instructions, arrays: dict[str, np.ndarray]) -> LocalModel:
+    """The node's model with the global arrays loaded, if its frozen base is the one the coordinator signed."""
+    local = rt.local_model(todo.exchange)
+    if local.frozen != todo.frozen_digest:
+        raise RefusedModel(
+            "base_mismatch",
+            f"the local frozen base has digest {local.frozen[:16]}..., the coordinator signed "
+            f"{todo.frozen_digest[:16]}...: this node holds a different base model",
+        )
+    local.load(arrays)
+    return local
 
 
 def receive_global(rt: NodeRuntime, msg: Message) -> tuple[GlobalModelEnvelope, dict[str, np.ndarray]]:

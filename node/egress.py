@@ -1,7 +1,7 @@
 """The only way content leaves a node: arrays, the example count and allowlisted scalar metrics.
 
 Every reply a node sends is built here, so a partner's auditor can read one short file to know
-what crosses the border (DESIGN.md invariant 1).
+what crosses the border (docs/ARCHITECTURE.md, invariant 1).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ from protocols import UpdateEnvelope
 from protocols.npz import load_npz, save_npz
 
 MODEL_FILE = "local_model.npz"
+PERSONAL_FILE = "personal_model.npz"
+PERSONAL_META_FILE = "personal_model.json"
 META_FILE = "local_model.json"
 SEEN_FILE = "seen_rounds.json"
 
@@ -34,6 +36,20 @@ def save_local_model(workdir: Path, arrays: Mapping[str, np.ndarray], envelope: 
     meta_tmp = workdir / (META_FILE + ".tmp")
     meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     meta_tmp.replace(workdir / META_FILE)
+    return path
+
+
+def save_personal_model(
+    workdir: Path, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float], epochs: int
+) -> Path:
+    """Keep the partner's personalized model (never sent anywhere) beside the shared one."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / PERSONAL_FILE
+    save_npz(path, arrays)
+    meta = {"personalize_epochs": epochs, "validation_metrics": dict(metrics)}
+    tmp = workdir / (PERSONAL_META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp.replace(workdir / PERSONAL_META_FILE)
     return path
 
 

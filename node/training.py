@@ -1,22 +1,30 @@
 """Local training and evaluation in plain PyTorch.
 
-The federation machinery never touches the model: these functions take an ordinary `nn.Module`
-and `Dataset`, and return plain numbers. On CUDA they train with automatic mixed precision
-(bfloat16 where supported, else float16 with a gradient scaler); on CPU in float32.
+The federation machinery never touches the model: these functions take an ordinary `nn.Module`,
+`Dataset` (map-style or iterable) and the task's `Recipe`, and return plain numbers. On CUDA they
+train with automatic mixed precision (bfloat16 where supported, else float16 with a gradient
+scaler), load batches through pinned memory, and keep running sums on the device so the loop never
+waits on the host; on CPU they run in float32.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from node.recipe import CLASSIFICATION, Recipe, StepContext
 from protocols import ConfigValue
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+"""Optimizers a run can name; a task may bring its own instead (`Recipe.make_optimizer`)."""
 
 
 @dataclass(frozen=True)
@@ -25,62 +33,95 @@ class TrainConfig:
 
     local_epochs: int = 1
     """Passes over the node's training split per round."""
+    max_steps: int = 0
+    """Cap on optimizer steps per round (0: no cap): bounds a round on a large local dataset."""
+    optimizer: str = "sgd"
+    """sgd (with momentum), adam or adamw."""
     learning_rate: float = 0.05
-    """SGD learning rate."""
+    """Learning rate of this round (the coordinator applies the run's schedule)."""
     momentum: float = 0.9
     """SGD momentum."""
+    weight_decay: float = 0.0
+    """L2 penalty (sgd, adam) or decoupled weight decay (adamw)."""
+    beta1: float = 0.9
+    """Adam/AdamW first-moment decay."""
+    beta2: float = 0.999
+    """Adam/AdamW second-moment decay."""
+    grad_clip: float = 0.0
+    """Clip the gradient norm to this value (0: off)."""
     batch_size: int = 32
     """Mini-batch size."""
     seed: int = 0
     """Run seed; mixed with the round and the node's own seed for shuffling."""
 
     def __post_init__(self) -> None:
-        if self.local_epochs < 1:
-            raise ValueError("local-epochs must be >= 1")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError("learning-rate must be a positive number")
-        if not 0 <= self.momentum < 1:
-            raise ValueError("momentum must be in [0, 1)")
-        if self.batch_size < 1:
-            raise ValueError("batch-size must be >= 1")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError("seed must be a non-negative integer")
+        _check(self.local_epochs >= 1, "local-epochs must be >= 1")
+        _check(self.max_steps >= 0, "max-steps must be >= 0")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}")
+        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning-rate must be a positive number")
+        _check(0 <= self.momentum < 1, "momentum must be in [0, 1)")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight-decay must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad-clip must be >= 0")
+        _check(self.batch_size >= 1, "batch-size must be >= 1")
+        _check(0 <= self.seed < 2**63, "seed must be a non-negative integer")
 
     def to_config(self) -> dict[str, ConfigValue]:
         """Wire form (kebab-case keys)."""
-        return {
-            "local-epochs": self.local_epochs,
-            "learning-rate": self.learning_rate,
-            "momentum": self.momentum,
-            "batch-size": self.batch_size,
-            "seed": self.seed,
-        }
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        """The wire keys this config reads."""
+        return frozenset(f.name.replace("_", "-") for f in fields(cls))
 
     @classmethod
     def from_config(cls, config: Mapping[str, ConfigValue]) -> TrainConfig:
         """Parse the wire form; unknown or mistyped keys raise ValueError naming the key."""
-        known = {"local-epochs", "learning-rate", "momentum", "batch-size", "seed"}
-        unknown = set(config) - known
+        unknown = set(config) - cls.keys()
         if unknown:
             raise ValueError(f"unknown training instruction(s): {sorted(unknown)}")
-        kwargs: dict[str, int | float] = {}
+        kinds = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
         for key, value in config.items():
-            want: type = float if key in {"learning-rate", "momentum"} else int
-            if want is int and not isinstance(value, int):
+            name = key.replace("-", "_")
+            want = kinds[name]
+            if want is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"{key} must be an integer, got {value!r}")
-            if want is float and not isinstance(value, int | float):
+            if want is float and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ValueError(f"{key} must be a number, got {value!r}")
-            kwargs[key.replace("-", "_")] = want(value)
-        return cls(**kwargs)  # type: ignore[arg-type]
+            if want is str and not isinstance(value, str):
+                raise ValueError(f"{key} must be text, got {value!r}")
+            kwargs[name] = want(value)
+        return cls(**kwargs)
+
+
+def _check(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(problem)
 
 
 @dataclass(frozen=True)
 class Stats:
-    """Mean loss and accuracy over `num_examples` examples."""
+    """Example-weighted means of the recipe's metrics over `num_examples` examples."""
 
-    loss: float
-    accuracy: float
+    metrics: Mapping[str, float]
+    """`loss`, each recipe metric, and each derived metric."""
     num_examples: int
+
+    @property
+    def loss(self) -> float:
+        """Mean loss."""
+        return self.metrics["loss"]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean accuracy (classification recipes)."""
+        return self.metrics["accuracy"]
+
+    def prefixed(self, phase: str) -> dict[str, float]:
+        """`{phase_name: value}`, e.g. `train_loss`."""
+        return {f"{phase}_{name}": value for name, value in self.metrics.items()}
 
 
 def pick_device(preference: str = "auto") -> torch.device:
@@ -93,66 +134,146 @@ def pick_device(preference: str = "auto") -> torch.device:
     return device
 
 
-def train_local(model: nn.Module, data: Dataset, config: TrainConfig, device: torch.device, seed: int) -> Stats:
-    """Train `model` in place with SGD for `config.local_epochs`; return mean training stats."""
+def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `config.optimizer` names, over `params`."""
+    params = list(params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.learning_rate, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
+
+
+def train_local(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    seed: int,
+    recipe: Recipe = CLASSIFICATION,
+) -> Stats:
+    """Train `model` in place for `config.local_epochs` (at most `config.max_steps` steps); return mean stats.
+
+    Only parameters with `requires_grad` are optimised: frozen ones (a LoRA base) stay as they are.
+    The returned `num_examples` is the size of the local training set (the FedAvg weight), not
+    examples x epochs; for an iterable dataset, the examples seen in the first epoch.
+    """
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
-    generator = torch.Generator().manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    factory = recipe.make_optimizer or make_optimizer
+    optimizer = factory(trainable, config)
     torch.manual_seed(seed)
-    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator)
+    loader = _loader(data, config.batch_size, device, shuffle_seed=seed)
     amp_dtype = _amp_dtype(device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    total = _Totals()
+    ctx = StepContext(optimizer, device, recipe.loss, recipe.forward, partial(_autocast, device, amp_dtype))
+    totals = _Totals(recipe, device)
+    steps, first_epoch_examples = 0, None
     for _epoch in range(config.local_epochs):
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, amp_dtype):
-                logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+        for batch in loader:
+            if recipe.train_step is not None:
+                loss, outputs, targets = recipe.train_step(model, batch, ctx)
             else:
-                loss.backward()
-                optimizer.step()
-            total.add(loss, logits, y)
+                loss, outputs, targets = _step(model, batch, ctx, scaler, trainable, config.grad_clip)
+            totals.add(loss, outputs, targets)
+            steps += 1
+            if config.max_steps and steps >= config.max_steps:
+                break
+        if first_epoch_examples is None:
+            first_epoch_examples = totals.count()
+        if config.max_steps and steps >= config.max_steps:
+            break
     model.to("cpu")
-    # The FedAvg weight is the size of the local dataset, not examples x epochs.
-    return replace(total.stats(), num_examples=len(data))  # type: ignore[arg-type]
+    stats = totals.stats()
+    size = len(data) if not isinstance(data, IterableDataset) else first_epoch_examples  # type: ignore[arg-type]
+    return Stats(stats.metrics, num_examples=int(size or 0))
+
+
+def _step(
+    model: nn.Module,
+    batch: Any,
+    ctx: StepContext,
+    scaler: torch.amp.GradScaler | None,
+    trainable: list[nn.Parameter],
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ordinary step: forward under autocast, backward, clip, optimizer step."""
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with ctx.autocast():
+        outputs, targets = ctx.forward(model, batch, ctx.device)
+        loss = ctx.loss(outputs, targets)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(trainable, grad_clip)
+        scaler.step(ctx.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(trainable, grad_clip)
+        ctx.optimizer.step()
+    return loss, outputs, targets
 
 
 @torch.no_grad()
-def evaluate_local(model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 256) -> Stats:
-    """Mean cross-entropy loss and accuracy of `model` on `data`."""
+def evaluate_local(
+    model: nn.Module, data: Dataset, device: torch.device, batch_size: int = 256, recipe: Recipe = CLASSIFICATION
+) -> Stats:
+    """Example-weighted mean loss and metrics of `model` on `data`."""
     model.to(device).eval()
-    total = _Totals()
-    for x, y in DataLoader(data, batch_size=batch_size):
-        x, y = x.to(device), y.to(device)
-        with _autocast(device, _amp_dtype(device)):
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-        total.add(loss, logits, y)
+    totals = _Totals(recipe, device)
+    amp_dtype = _amp_dtype(device)
+    for batch in _loader(data, batch_size, device, shuffle_seed=None):
+        with _autocast(device, amp_dtype):
+            outputs, targets = recipe.forward(model, batch, device)
+            loss = recipe.loss(outputs, targets)
+        totals.add(loss, outputs, targets)
     model.to("cpu")
-    return total.stats()
+    return totals.stats()
+
+
+def _loader(data: Dataset, batch_size: int, device: torch.device, shuffle_seed: int | None) -> DataLoader:
+    """Batches of `data`; map-style data is shuffled with a seeded generator when `shuffle_seed` is set."""
+    shuffle = shuffle_seed is not None and not isinstance(data, IterableDataset)
+    generator = torch.Generator().manual_seed(shuffle_seed) if shuffle and shuffle_seed is not None else None
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle, generator=generator, pin_memory=device.type == "cuda"
+    )
 
 
 class _Totals:
-    """Running sums for example-weighted mean loss and accuracy."""
+    """Running example-weighted sums of loss and metrics, kept on the device (no per-batch host sync)."""
 
-    def __init__(self) -> None:
-        self.loss, self.correct, self.n = 0.0, 0, 0
+    def __init__(self, recipe: Recipe, device: torch.device) -> None:
+        self.recipe = recipe
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        batch = int(y.shape[0])
-        self.loss += float(loss.detach().float()) * batch
-        self.correct += int((logits.argmax(dim=1) == y).sum())
+    def add(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        batch = targets.shape[0]
+        values = {"loss": loss.detach()}
+        with torch.no_grad():
+            for name, metric in self.recipe.metrics.items():
+                values[name] = metric(outputs.detach(), targets)
+        for name, value in values.items():
+            term = value.double() * batch
+            self.sums[name] = self.sums[name] + term if name in self.sums else term
         self.n += batch
 
+    def count(self) -> int:
+        return int(self.n.item())
+
     def stats(self) -> Stats:
-        n = max(self.n, 1)
-        return Stats(loss=self.loss / n, accuracy=self.correct / n, num_examples=self.n)
+        n = max(self.count(), 1)
+        means = {name: float(total.item()) / n for name, total in self.sums.items()}
+        if not means:  # no batch at all: report NaN-free zeros for every declared name
+            means = dict.fromkeys(["loss", *self.recipe.metrics], 0.0)
+        for name, fn in self.recipe.derived.items():
+            means[name] = float(fn(means))
+        return Stats(means, num_examples=self.count())
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:

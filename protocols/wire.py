@@ -18,3 +18,11 @@ ENVELOPE = "envelope"
 """Key of the envelope bytes inside GLOBAL_RECORD / UPDATE_RECORD."""
 SIGNATURE = "signature"
 """Key of the Ed25519 signature bytes inside GLOBAL_RECORD / UPDATE_RECORD."""
+
+# ---- keys of the signed training instructions (GlobalModelEnvelope.config) -------------------------
+FROZEN_DIGEST = "frozen-digest"
+"""Hex digest of the model state that never travels (a LoRA run's frozen base); nodes refuse a mismatch."""
+PHASE = "phase"
+"""`train` for every round; `personalize` for the evaluate call after the last round."""
+PHASE_TRAIN = "train"
+PHASE_PERSONALIZE = "personalize"

@@ -1,8 +1,37 @@
-"""Tasks: model + data recipes. Built-ins need no download."""
+"""Tasks: model, data and training recipes (docs/TASKS.md). Built-ins need no download."""
 
-from federation.tasks import digits, synthetic
-from federation.tasks.api import LabeledArrays, Task, TaskData, TaskError, check_task, load_task
+from federation.tasks import digits, lm, synthetic
+from federation.tasks.api import (
+    LabeledArrays,
+    LocalData,
+    SimulationData,
+    Task,
+    TaskData,
+    TaskError,
+    TaskFactory,
+    TaskOptions,
+    check_model,
+    check_task,
+    load_local,
+    load_task,
+    task_factory,
+)
 
-BUILTIN: dict[str, Task] = {"digits": digits.task, "synthetic": synthetic.task}
+BUILTIN: dict[str, Task | TaskFactory] = {"digits": digits.task, "lm": lm.make_task, "synthetic": synthetic.task}
 
-__all__ = ["BUILTIN", "LabeledArrays", "Task", "TaskData", "TaskError", "check_task", "load_task"]
+__all__ = [
+    "BUILTIN",
+    "LabeledArrays",
+    "LocalData",
+    "SimulationData",
+    "Task",
+    "TaskData",
+    "TaskError",
+    "TaskFactory",
+    "TaskOptions",
+    "check_model",
+    "check_task",
+    "load_local",
+    "load_task",
+    "task_factory",
+]

@@ -6,6 +6,7 @@ import numpy as np
 from torch import nn
 
 from federation.tasks.api import LabeledArrays, Task, TaskData
+from federation.tasks.files import labeled_csv_recipe
 
 FEATURES, CLASSES, PER_CLASS = 8, 3, 200
 
@@ -31,4 +32,9 @@ def load_data(seed: int) -> TaskData:
     )
 
 
-task = Task(name="synthetic", make_model=make_model, load_data=load_data)
+task = Task(
+    name="synthetic",
+    make_model=make_model,
+    load_data=load_data,
+    local_data=labeled_csv_recipe(features=FEATURES, classes=CLASSES),
+)

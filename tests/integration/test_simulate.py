@@ -42,12 +42,13 @@ def metrics(out: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A clean run, the same run again, and the same run with one adversary of each kind."""
+    """A clean run, the same run again (with personalization after it), and one with an adversary of each kind."""
     base = tmp_path_factory.mktemp("sim")
     outs = {"clean": base / "clean", "again": base / "again", "attacked": base / "attacked"}
     for name, out in outs.items():
         # 3 honest of 9 members: the attacked run needs a quorum below 50% of members
-        proc = weft(out, *(["--adversary", "all", "--quorum", "0.3"] if name == "attacked" else []))
+        extra = {"attacked": ["--adversary", "all", "--quorum", "0.3"], "again": ["--personalize-epochs", "2"]}
+        proc = weft(out, *extra.get(name, []))
         assert proc.returncode == 0, f"{name} run failed:\n{proc.stderr[-3000:]}"
     return outs
 
@@ -68,6 +69,46 @@ def test_clean_run_writes_a_complete_record(runs: dict[str, Path]) -> None:
     # every node kept its own locally trained model
     assert sorted(p.name for p in (out / "nodes").iterdir()) == ["node-000", "node-001", "node-002"]
     assert all((out / "nodes" / n / "local_model.npz").is_file() for n in ("node-000", "node-001", "node-002"))
+
+
+def test_summary_records_the_resolved_config_and_the_final_and_best_rounds(runs: dict[str, Path]) -> None:
+    s = summary(runs["clean"])
+    config = s["config"]
+    assert (config["task"], config["rounds"], config["seed"], config["local-epochs"]) == ("synthetic", 3, 7, 2)
+    assert (config["nodes"], config["partition"], config["alpha"]) == (3, "dirichlet", 0.5)
+    assert (config["optimizer"], config["learning-rate"], config["momentum"]) == ("sgd", 0.1, 0.9)
+    assert config["exchange"] == "all" and config["adversaries"] == {}
+    lines = metrics(runs["clean"])
+    assert s["final"] == {"round": 3, "loss": lines[-1]["loss"], "accuracy": lines[-1]["accuracy"]}
+    best = max(lines, key=lambda line: line["accuracy"])  # first of the best: ties keep the earlier round
+    assert (s["best"]["round"], s["best"]["accuracy"], s["best"]["by"]) == (best["round"], best["accuracy"], "accuracy")
+
+
+def test_readme_output_table_matches_the_files_a_run_writes(runs: dict[str, Path]) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("## What a simulation leaves behind") :].split("\n\n")[2]
+    documented = set()
+    for row in table.splitlines()[2:]:
+        for name in row.split("|")[1].replace("`", "").split(","):
+            documented.add(name.strip().split("/")[0])
+    written = {p.name for p in runs["again"].iterdir()}
+    assert documented == written, (documented, written)
+
+
+def test_personalization_keeps_each_nodes_model_and_records_before_and_after(runs: dict[str, Path]) -> None:
+    out = runs["again"]
+    s = summary(out)
+    rows = s["personalization"]
+    assert len(rows) == 3 and s["config"]["personalize-epochs"] == 2
+    for row in rows:
+        assert set(row["before"]) == set(row["after"]) == {"loss", "accuracy"}, row
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(r["member"] for r in rows) == sorted(m["member_id"] for m in manifest["members"])
+    assert metrics(out)[-1] == {"phase": "personalization", "nodes": rows}
+    for n in ("node-000", "node-001", "node-002"):
+        assert (out / "nodes" / n / "personal_model.npz").is_file()
+        kept = json.loads((out / "nodes" / n / "personal_model.json").read_text())
+        assert kept["personalize_epochs"] == 2 and "accuracy" in kept["validation_metrics"]
 
 
 def test_final_model_is_signed_and_matches_the_summary(runs: dict[str, Path]) -> None:

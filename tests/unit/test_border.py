@@ -1,4 +1,4 @@
-"""The architecture's border rules, checked on the source tree (DESIGN.md layout)."""
+"""The architecture's border rules, checked on the source tree (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

@@ -152,7 +152,7 @@ def no_simulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     [
         (
             ["--task", "nope"],
-            "task 'nope' is neither a built-in (digits, synthetic) "
+            "task 'nope' is neither a built-in (digits, lm, synthetic) "
             "nor an import path of the form 'package.module:attribute'",
         ),
         (["--adversary", "bogus=1"], f"adversary: unknown kind 'bogus'; choose from {KINDS}"),

@@ -14,6 +14,7 @@ from federation.config import (
     RunConfig,
     SimulationConfig,
     parse_adversaries,
+    resolve_run_config,
 )
 from node import TrainConfig
 from protocols import RejectReason
@@ -75,11 +76,8 @@ def test_from_mapping_coerces_strings_and_ints() -> None:
 def test_from_mapping_rejects_unknown_key_naming_it_and_listing_known() -> None:
     with pytest.raises(ConfigError) as exc_info:
         RunConfig.from_mapping({"rounds": 3, "epochs": 2})
-    assert error_of(exc_info) == (
-        "run config: unknown key(s) ['epochs']; known keys: "
-        "['batch-size', 'learning-rate', 'local-epochs', 'momentum', 'quorum', "
-        "'round-timeout-s', 'rounds', 'seed', 'task']"
-    )
+    assert error_of(exc_info) == f"run config: unknown key(s) ['epochs']; known keys: {sorted(KEBAB_FIELDS)}"
+    assert {"optimizer", "weight-decay", "lr-schedule", "exchange", "lora-rank", "max-steps"} <= KEBAB_FIELDS
 
 
 def test_from_mapping_snake_case_key_is_unknown() -> None:
@@ -102,7 +100,11 @@ def test_from_mapping_uses_source_in_messages() -> None:
         ({"seed": True}, "run config: seed: expected int, got a boolean"),
         ({"learning-rate": False}, "run config: learning-rate: expected float, got a boolean"),
         ({"learning-rate": "fast"}, "run config: learning-rate: expected float, got 'fast'"),
-        ({"task": ""}, "run config: task: expected str, got ''"),
+        ({"optimizer": "lion"}, "run config: optimizer: must be one of sgd, adam, adamw"),
+        ({"exchange": "half"}, "run config: exchange: must be one of all, lora, subset"),
+        ({"lr-schedule": "step"}, "run config: lr-schedule: must be one of constant, cosine"),
+        ({"weight-decay": -0.1}, "run config: weight-decay: must be >= 0"),
+        ({"rounds": 3, "warmup-rounds": 3}, "run config: warmup-rounds: must be in [0, rounds)"),
         ({"task": 3}, "run config: task: expected str, got 3"),
     ],
 )
@@ -172,28 +174,58 @@ def test_pyproject_run_config_values_equal_defaults() -> None:
 
 def test_train_config_matches_node_train_config() -> None:
     run = RunConfig()
-    expected = TrainConfig(
-        local_epochs=run.local_epochs,
-        learning_rate=run.learning_rate,
-        momentum=TrainConfig().momentum,
-        batch_size=run.batch_size,
-        seed=run.seed,
-    ).to_config()
-    assert run.train_config() == expected
     assert run.train_config() == {
         "local-epochs": 5,
+        "max-steps": 0,
+        "optimizer": "sgd",
         "learning-rate": 0.1,
         "momentum": 0.9,
+        "weight-decay": 0.0,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "grad-clip": 0.0,
         "batch-size": 32,
         "seed": 0,
     }
+    assert set(run.train_config()) == TrainConfig.keys()
 
 
 def test_train_config_round_trips_through_node() -> None:
-    run = RunConfig(local_epochs=2, learning_rate=0.3, batch_size=8, seed=11)
+    run = RunConfig(local_epochs=2, learning_rate=0.3, batch_size=8, seed=11, optimizer="adamw", weight_decay=0.01)
     parsed = TrainConfig.from_config(run.train_config())
-    assert parsed == TrainConfig(local_epochs=2, learning_rate=0.3, momentum=0.9, batch_size=8, seed=11)
+    assert parsed == TrainConfig(
+        local_epochs=2, learning_rate=0.3, momentum=0.9, batch_size=8, seed=11, optimizer="adamw", weight_decay=0.01
+    )
     assert TrainConfig.from_config(RunConfig().train_config()).to_config() == RunConfig().train_config()
+
+
+def test_empty_string_means_not_set() -> None:
+    # the deployed app declares every key with "" so that only what the operator sets overrides
+    assert RunConfig.from_mapping({"task": "", "rounds": "", "optimizer": ""}) == RunConfig()
+
+
+def test_cosine_schedule_with_warmup_by_hand() -> None:
+    # rounds 5, warm-up 1: round 1 = lr * 1/2; then cosine from lr to 0.1 * lr over rounds 2..5
+    run = RunConfig(rounds=5, learning_rate=0.1, lr_schedule="cosine", warmup_rounds=1, min_lr_ratio=0.1)
+    got = [run.learning_rate_at(r) for r in range(1, 6)]
+    # progress (r - 2) / 3 -> 0, 1/3, 2/3, 1: cos factors 1, 0.75, 0.25, 0
+    expected = [0.05, 0.1, 0.01 + 0.09 * 0.75, 0.01 + 0.09 * 0.25, 0.01]
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert run.train_config(3)["learning-rate"] == pytest.approx(0.0775)
+    assert RunConfig(learning_rate=0.2).learning_rate_at(17) == 0.2  # constant
+
+
+def test_task_defaults_sit_under_explicit_values() -> None:
+    prefers = {"optimizer": "adam", "learning-rate": 0.001, "local-epochs": 1}
+    run = resolve_run_config({"learning-rate": 0.01}, prefers, "flags")
+    assert (run.optimizer, run.learning_rate, run.local_epochs, run.rounds) == ("adam", 0.01, 1, RunConfig().rounds)
+    with pytest.raises(ConfigError, match=r"task defaults: unknown key\(s\) \['epochs'\]"):
+        resolve_run_config({}, {"epochs": 3}, "flags")
+
+
+def test_to_json_records_every_field() -> None:
+    assert set(RunConfig().to_json()) == KEBAB_FIELDS
+    assert RunConfig.from_mapping(RunConfig(optimizer="adam").to_json()) == RunConfig(optimizer="adam")
 
 
 # ---- parse_adversaries -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 1: nothing but parameters and declared scalar metrics leaves a node.
+"""docs/ARCHITECTURE.md, invariant 1: nothing but parameters and declared scalar metrics leaves a node.
 
 A node is given training and validation data whose raw bytes spell a canary, a work folder whose
 path carries the canary, and a metric allowlist. Every byte of its train and evaluate replies, as

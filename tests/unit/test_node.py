@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from node.app import REFUSED_MODEL, handle_evaluate, handle_train
 from node.arrays import from_record, model_to_arrays, to_record
+from node.instructions import Instructions
 from node.runtime import DEFAULT_METRIC_ALLOWLIST, NodeRuntime
 from node.store import META_FILE, MODEL_FILE, load_local_model
 from node.training import TrainConfig
@@ -38,6 +39,8 @@ NODE = SigningKey.from_seed(bytes([2]) * 32)
 IMPOSTOR = SigningKey.from_seed(bytes([9]) * 32)
 
 CONFIG = TrainConfig(local_epochs=1, learning_rate=0.1, batch_size=8, seed=3)
+ALL_EXCHANGED = params_digest({}).hex()
+"""Frozen-base digest when every parameter is exchanged: the digest of the empty vector."""
 
 
 def make_model() -> nn.Module:
@@ -86,7 +89,7 @@ def instruction(
         round=GLOBAL_ROUND,
         model_digest=params_digest(arrays),
         task=TASK,
-        config=CONFIG.to_config(),
+        config=Instructions(ALL_EXCHANGED, CONFIG).to_config(),
     )
     blob = sign_global_model(signer, replace(envelope, **changes))
     content = RecordDict({wire.ARRAYS: to_record(arrays if sent_arrays is None else sent_arrays)})
@@ -189,7 +192,7 @@ def test_node_seed_changes_the_update(tmp_path: Path) -> None:
 
 
 def test_num_examples_is_the_dataset_size_with_several_epochs(tmp_path: Path) -> None:
-    two_epochs = replace(CONFIG, local_epochs=2).to_config()
+    two_epochs = Instructions(ALL_EXCHANGED, replace(CONFIG, local_epochs=2)).to_config()
     env, _ = update_of(handle_train(runtime(tmp_path), instruction(config=two_epochs)))
     assert env.num_examples == N_TRAIN
 

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from coordinator import CoordinatorRuntime, CoordinatorSettings, QuorumNotReached, run_federation
-from node import NodeRuntime, TrainConfig, handle_evaluate, handle_train
+from node import Instructions, NodeRuntime, TrainConfig, handle_evaluate, handle_train
 from node.arrays import model_to_arrays
-from protocols import Manifest, Member, SigningKey, read_signed_model
+from protocols import Manifest, Member, SigningKey, params_digest, read_signed_model
 
 COORDINATOR = SigningKey.from_seed(bytes([40]) * 32)
 NODE_KEYS = [SigningKey.from_seed(bytes([41 + i]) * 32) for i in range(3)]
@@ -105,7 +105,9 @@ def runtime(out: Path, quorum: float = 0.5, rounds: int = 2, timeout: float = 5.
             task=TASK,
             rounds=rounds,
             out_dir=out,
-            train_config=TrainConfig(local_epochs=1, learning_rate=0.1, batch_size=4, seed=5).to_config(),
+            train_config=Instructions(
+                params_digest({}).hex(), TrainConfig(local_epochs=1, learning_rate=0.1, batch_size=4, seed=5)
+            ).to_config(),
             quorum=quorum,
             round_timeout_s=timeout,
             node_wait_timeout_s=1.0,

@@ -19,7 +19,8 @@ from federation.tasks import BUILTIN, LabeledArrays, Task, TaskError, digits, lo
 def test_load_task_builtins() -> None:
     assert load_task("digits") is digits.task
     assert load_task("synthetic") is synthetic.task
-    assert sorted(BUILTIN) == ["digits", "synthetic"]
+    assert sorted(BUILTIN) == ["digits", "lm", "synthetic"]
+    assert load_task("lm").name == "lm"
     assert digits.task.name == "digits"
     assert synthetic.task.name == "synthetic"
 
@@ -32,7 +33,7 @@ def test_load_task_unknown_name() -> None:
     with pytest.raises(TaskError) as exc_info:
         load_task("nope")
     assert str(exc_info.value) == (
-        "task 'nope' is neither a built-in (digits, synthetic) "
+        "task 'nope' is neither a built-in (digits, lm, synthetic) "
         "nor an import path of the form 'package.module:attribute'"
     )
 
