@@ -40,9 +40,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
-import uuid
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,11 +48,16 @@ from typing import Any
 import tomli_w
 from flwr.app import Context
 
-from coordinator import CoordinatorRuntime, CoordinatorSettings, make_server_app
-from federation.config import ConfigError, RunConfig, resolve_run_config
+from coordinator import CoordinatorRuntime, make_server_app
+from federation.config import (
+    ConfigError,
+    DeploymentSettings,
+    NodeSettings,
+    RunConfig,
+    parse_settings,
+)
 from federation.errors import TaskError
-from federation.evaluation import CentralEvaluator
-from federation.simulation import initial_model, instructions
+from federation.runtime import RunPlan, build_coordinator, build_node, resolve_run
 from federation.tasks import (
     LocalData,
     SimulationData,
@@ -67,46 +70,6 @@ from federation.tasks import (
 )
 from node import NodeRuntime, make_client_app, pick_device
 from protocols import Manifest, load_public_key, load_signing_key
-
-
-@dataclass(frozen=True)
-class NodeSettings:
-    """A deployed node's settings, from `--node-config`."""
-
-    key: Path
-    coordinator_key: Path
-    federation_id: str
-    workdir: Path
-    data_dir: Path
-    task: str = "digits"
-    model_dir: Path | None = None
-    personalize_epochs: int = 0
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.personalize_epochs < 0:
-            raise ConfigError("node config: personalize-epochs must be >= 0")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError("node config: seed must be a non-negative integer")
-
-    @classmethod
-    def from_node_config(cls, values: Mapping[str, Any]) -> NodeSettings:
-        """Parse Flower's node_config ("" counts as not set); errors name the key."""
-        settings: NodeSettings = _parse(cls, {k: v for k, v in values.items() if v != ""}, "node config")
-        return settings
-
-
-@dataclass(frozen=True)
-class DeploymentSettings:
-    """Operator-side settings of a deployed run, from `--run-config` (besides RunConfig's keys)."""
-
-    manifest: Path
-    coordinator_key: Path
-    out_dir: Path
-    run_id: str = ""
-    personalize: bool = False
-    federated_evaluation: bool = True
 
 
 def resolve_node(context: Context) -> NodeRuntime:
@@ -125,19 +88,16 @@ def _node_runtime(s: NodeSettings) -> NodeRuntime:
         device = pick_device(s.device)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"node config: device: {exc}") from exc
-    return NodeRuntime(
+    return build_node(
+        task,
         identity=load_signing_key(s.key),
         coordinator_key=load_public_key(s.coordinator_key),
         federation_id=s.federation_id,
-        task=task.name,
-        make_model=task.make_model,
-        train_data=data.train,
-        val_data=data.val,
+        train=data.train,
+        val=data.val,
         workdir=s.workdir,
         device=device,
         seed=s.seed,
-        recipe=task.recipe,
-        subset=task.subset,
         personalize_epochs=s.personalize_epochs,
     )
 
@@ -162,52 +122,24 @@ def resolve_coordinator(context: Context) -> CoordinatorRuntime:
     """
     values = {k: v for k, v in dict(context.run_config).items() if v != ""}
     run_keys = {f.name.replace("_", "-") for f in fields(RunConfig)}
-    explicit = {k: v for k, v in values.items() if k in run_keys}
     # The app declares the deployment keys with "" defaults (the SuperLink refuses override keys the
     # FAB does not declare); "" counts as not set, so a forgotten path fails naming its key.
-    dep: DeploymentSettings = _parse(
-        DeploymentSettings, {k: v for k, v in values.items() if k not in run_keys}, "run config"
-    )
-    defaults = RunConfig()
-    model_dir = str(explicit.get("model-dir", defaults.model_dir))
-    try:
-        task = load_task(str(explicit.get("task", defaults.task)), TaskOptions(Path(model_dir) if model_dir else None))
-    except TaskError as exc:
-        raise TaskError(f"run config: {exc}") from exc
-    run = resolve_run_config(explicit, {"exchange": task.exchange, **task.defaults}, "run config")
-    held_out = _held_out(task, run.seed)
-    manifest = Manifest.load(dep.manifest)
-    spec = run.exchange_spec()
-    try:
-        start = initial_model(task, spec, run.seed)
-    except ValueError as exc:
-        raise ConfigError(f"run config: exchange: {exc}") from exc
-    return CoordinatorRuntime(
-        settings=CoordinatorSettings(
-            federation_id=manifest.federation_id,
-            run_id=dep.run_id or f"run-{uuid.uuid4().hex[:12]}",
-            task=task.name,
-            rounds=run.rounds,
-            out_dir=dep.out_dir,
-            train_config=instructions(run, spec, start.frozen),
-            record_config={
-                **run.to_json(),
-                "personalize": dep.personalize,
-                "federated-evaluation": dep.federated_evaluation,
-            },
-            quorum=run.quorum,
-            round_timeout_s=run.round_timeout_s,
-            target_metric=task.recipe.target,
-            maximize=task.recipe.maximize,
-            personalize=dep.personalize,
-            federated_evaluation=dep.federated_evaluation,
-        ),
+    dep = parse_settings(DeploymentSettings, {k: v for k, v in values.items() if k not in run_keys}, "run config")
+    task, run = resolve_run({k: v for k, v in values.items() if k in run_keys}, "run config")
+    plan = RunPlan(
+        manifest=Manifest.load(dep.manifest),
         identity=load_signing_key(dep.coordinator_key),
-        manifest=manifest,
-        initial_arrays=start.arrays(),
-        central_eval=CentralEvaluator(task, spec, held_out.test) if held_out else None,
-        central_eval_data=held_out.description if held_out else "",
+        out_dir=dep.out_dir,
+        run_id=dep.run_id,
+        held_out=_held_out(task, run.seed),
+        record={"personalize": dep.personalize, "federated-evaluation": dep.federated_evaluation},
+        federated_evaluation=dep.federated_evaluation,
+        personalize=dep.personalize,
     )
+    try:
+        return build_coordinator(task, run, plan)
+    except ConfigError as exc:
+        raise ConfigError(f"run config: {exc}") from exc
 
 
 def _held_out(task: Task, seed: int) -> SimulationData | None:
@@ -216,40 +148,6 @@ def _held_out(task: Task, seed: int) -> SimulationData | None:
         check_model(task)  # a broken model recipe still fails here, before any node is asked
         return None
     return check_task(task, seed)
-
-
-def _parse(cls: type[Any], values: Mapping[str, Any], source: str) -> Any:
-    """Build a settings dataclass from kebab-case string-keyed values, naming bad keys."""
-    by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
-    unknown = sorted(set(values) - set(by_key))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(by_key)}")
-    missing = sorted(k for k, f in by_key.items() if k not in values and f.default is MISSING)
-    if missing:
-        raise ConfigError(f"{source}: missing required key(s) {missing}")
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        kind = str(by_key[key].type)
-        try:
-            if kind in ("Path", "Path | None"):
-                kwargs[by_key[key].name] = Path(str(value))
-            elif kind == "int":
-                if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
-                    raise ValueError
-                kwargs[by_key[key].name] = int(value)
-            elif kind == "float":
-                if isinstance(value, bool):
-                    raise ValueError
-                kwargs[by_key[key].name] = float(value)
-            elif kind == "bool":
-                if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
-                    raise ValueError
-                kwargs[by_key[key].name] = value if isinstance(value, bool) else str(value).lower() == "true"
-            else:
-                kwargs[by_key[key].name] = str(value)
-        except ValueError:
-            raise ConfigError(f"{source}: {key}: expected {kind}, got {value!r}") from None
-    return cls(**kwargs)
 
 
 def write_app(folder: Path) -> Path:

@@ -11,10 +11,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, get_args, get_type_hints
 
-from federation.config import PARTITIONS, RunConfig, SimulationConfig, parse_adversaries, resolve_run_config
+from federation.config import RunConfig, SimulationConfig, parse_adversaries
 from federation.errors import ConfigError, TaskError
 
 
@@ -44,34 +46,22 @@ def _simulate(args: argparse.Namespace) -> int:
     from coordinator import NotEnoughNodes, QuorumNotReached
     from federation.plots import plot_metrics, run_title
     from federation.progress import RoundProgress
+    from federation.runtime import resolve_run
     from federation.simulation import resolve_partition, simulate
-    from federation.tasks import TaskOptions, load_task
 
     sys.path.insert(0, os.getcwd())  # user task modules next to where weft is run (Ray inherits it)
     explicit = _explicit_run_values(args)
-    task_ref = str(explicit.get("task", RunConfig().task))
     if explicit.get("model-dir"):  # recorded absolute, so `weft export` finds the base from anywhere
         explicit["model-dir"] = str(Path(str(explicit["model-dir"])).resolve())
-    model_dir = str(explicit.get("model-dir", ""))
     # fail on a bad task path before Ray starts; the task's preferred settings sit under the user's flags
-    task = load_task(task_ref, TaskOptions(Path(model_dir) if model_dir else None))
-    run = resolve_run_config(explicit, {"exchange": task.exchange, **task.defaults}, source="")
+    task, run = resolve_run(explicit, source="")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
-    partition = "iid" if args.iid else args.partition
-    cfg = SimulationConfig(
-        run=run,
-        nodes=args.nodes,
-        alpha=None if partition == "iid" else args.alpha,
-        partition=partition,
-        personalize_epochs=args.personalize_epochs,
-        adversaries=parse_adversaries(args.adversary),
-        out_dir=out,
-        ray_address=args.ray_address,
-        cpus_per_node=args.cpus_per_node,
-        gpus_per_node=args.gpus_per_node,
-        federated_evaluation=not args.no_federated_eval,
-        verbose=args.verbose,
-    )
+    sim = _given(args, SimulationConfig, "sim_")
+    if args.iid:
+        sim["partition"] = "iid"
+    if sim.get("partition") == "iid":
+        sim["alpha"] = None
+    cfg = SimulationConfig(run=run, adversaries=parse_adversaries(args.adversary), out_dir=out, **sim)
     cfg = resolve_partition(cfg)  # loads the task's data once (cached for the run)
     title = run_title(cfg.run.to_json(), cfg.to_json())
     print(f"weft simulate: {title}, adversaries: {', '.join(cfg.adversary_kinds) or 'none'} -> {out}", file=sys.stderr)
@@ -88,14 +78,9 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explicit_run_values(args: argparse.Namespace) -> dict[str, object]:
+def _explicit_run_values(args: argparse.Namespace) -> dict[str, Any]:
     """The RunConfig values the user gave as flags (kebab-case keys); the rest come from the task or weft."""
-    values = {}
-    for f in fields(RunConfig):
-        value = getattr(args, f"run_{f.name}", None)
-        if value is not None:
-            values[f.name.replace("_", "-")] = value
-    return values
+    return {name.replace("_", "-"): value for name, value in _given(args, RunConfig, "run_").items()}
 
 
 # ---- keys and models ------------------------------------------------------------------------------------
@@ -172,26 +157,37 @@ def _manifest_add(args: argparse.Namespace) -> int:
 # ---- parser -------------------------------------------------------------------------------------------------
 
 
-FLAG_ALIASES = {"learning_rate": ["--lr"]}
+FLAG_ALIASES = {"learning_rate": ["--lr"], "federated_evaluation": ["--no-federated-eval"]}
 """Short spellings kept from the first edition of the CLI."""
+SIM_FLAGS = ("nodes", "partition", "alpha", "personalize_epochs", "federation_id", "ray_address", "cpus_per_node",
+             "gpus_per_node", "federated_evaluation", "verbose")  # fmt: skip
+"""SimulationConfig fields that are plain flags (adversaries and out_dir have their own syntax)."""
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field, typed and documented from the field itself (no default repeated here)."""
-    defaults = RunConfig()
-    group = parser.add_argument_group("run settings (federation.config.RunConfig)")
-    for f in fields(RunConfig):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        group.add_argument(
-            flag,
-            *FLAG_ALIASES.get(f.name, []),
-            dest=f"run_{f.name}",
-            type=type(default),
-            default=None,
-            metavar=type(default).__name__.upper(),
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
-        )
+def _add_flags(group: argparse._ArgumentGroup, cls: type[Any], names: Iterable[str], prefix: str) -> None:
+    """One flag per field of `cls`: typed, documented and defaulted from the field itself (nothing repeated here).
+
+    Every flag's value is None unless the user gave it, so the field's (or the task's) default applies.
+    A boolean field that defaults to True gets a `--no-NAME` flag instead.
+    """
+    by_name, hints, defaults = {f.name: f for f in fields(cls)}, get_type_hints(cls), cls()
+    for name in names:
+        f, default = by_name[name], getattr(defaults, name)
+        kind = next((t for t in get_args(hints[name]) if t is not type(None)), hints[name])
+        flag, help_ = "--" + name.replace("_", "-"), f"{f.metadata.get('help', '')} (default: {default!r})"
+        if kind is bool:
+            negate = default is True  # a flag turns it off
+            group.add_argument("--no-" + flag[2:] if negate else flag, *FLAG_ALIASES.get(name, []),
+                               dest=f"{prefix}{name}", default=None, action="store_const", const=not negate,
+                               help=f"do not {help_}" if negate else help_)  # fmt: skip
+            continue
+        group.add_argument(flag, *FLAG_ALIASES.get(name, []), dest=f"{prefix}{name}", type=kind, default=None,
+                           metavar=kind.__name__.upper(), help=help_)  # fmt: skip
+
+
+def _given(args: argparse.Namespace, cls: type[Any], prefix: str) -> dict[str, Any]:
+    """The fields of `cls` the user gave as flags, by field name."""
+    return {f.name: v for f in fields(cls) if (v := getattr(args, f"{prefix}{f.name}", None)) is not None}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,25 +200,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Every run setting below is a field of the typed run config (federation/config.py). "
         "Unset flags take the task's preferred value (e.g. digits prefers Adam), else weft's default.",
     )
-    _add_run_flags(sim)
-    sim.add_argument("--nodes", type=int, default=10, help="honest nodes (default: %(default)s)")
-    sim.add_argument(
-        "--partition",
-        choices=PARTITIONS,
-        default="auto",
-        help="how the pool is split: iid, dirichlet (label skew), natural (by owner), or auto: dirichlet when "
-        "the task's data has class labels, else natural when it has owners, else iid (default: %(default)s)",
-    )
-    sim.add_argument(
-        "--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (default: %(default)s)"
-    )
+    _add_flags(sim.add_argument_group("run settings (federation.config.RunConfig)"), RunConfig,
+               [f.name for f in fields(RunConfig)], "run_")  # fmt: skip
+    _add_flags(sim.add_argument_group("simulation (federation.config.SimulationConfig)"), SimulationConfig,
+               SIM_FLAGS, "sim_")  # fmt: skip
     sim.add_argument("--iid", action="store_true", help="same as --partition iid")
-    sim.add_argument(
-        "--personalize-epochs",
-        type=int,
-        default=0,
-        help="after the last round, each node fine-tunes the final model locally and keeps it (default: 0)",
-    )
     sim.add_argument(
         "--adversary",
         default="",
@@ -230,15 +212,6 @@ def _parser() -> argparse.ArgumentParser:
         "(kinds: tamper, unsigned, nonmember, replay, nan, shape, inflate)",
     )
     sim.add_argument("--out", help="output folder (default: runs/sim-<timestamp>)")
-    sim.add_argument("--ray-address", help="connect to an existing Ray cluster instead of starting one")
-    sim.add_argument(
-        "--cpus-per-node", type=float, default=1.0, help="Ray CPUs per simulated node (default: %(default)s)"
-    )
-    sim.add_argument(
-        "--gpus-per-node", type=float, default=0.0, help="Ray GPUs per simulated node (default: %(default)s)"
-    )
-    sim.add_argument("--no-federated-eval", action="store_true", help="skip node-side evaluation each round")
-    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_simulate)
 
     kg = sub.add_parser("keygen", help="create an Ed25519 key pair (NAME.key, NAME.pub)")

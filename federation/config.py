@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from federation.errors import ConfigError
 from protocols import ConfigValue
+
+_S = TypeVar("_S")
 
 ADVERSARY_REASONS: dict[str, str] = {
     "tamper": "digest_mismatch",
@@ -138,7 +141,7 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> RunConfig:
         """Build from kebab-case keys (Flower's run_config); unknown keys are errors, "" means not set."""
-        return _from_mapping(cls, {k: v for k, v in values.items() if v != ""}, source)
+        return parse_settings(cls, values, source)
 
 
 def resolve_run_config(explicit: Mapping[str, Any], task_defaults: Mapping[str, Any], source: str) -> RunConfig:
@@ -154,30 +157,24 @@ class SimulationConfig:
     """A simulated federation on this machine or an existing Ray cluster."""
 
     run: RunConfig = field(default_factory=RunConfig)
-    nodes: int = 10
-    """Honest nodes, each with its own partition of the training pool."""
-    alpha: float | None = 0.5
-    """Dirichlet concentration for label skew; None for an IID split."""
-    partition: str = "auto"
-    """iid, dirichlet (label skew with `alpha`), natural (by the data's owner key, e.g. a source) or auto."""
-    personalize_epochs: int = 0
-    """After the last round, each node fine-tunes the final model locally for this many epochs and keeps it."""
+    nodes: int = _field(10, "honest nodes, each with its own partition of the pool")
+    alpha: float | None = _field(0.5, "Dirichlet label-skew concentration (smaller: more skew)")
+    partition: str = _field(
+        "auto",
+        "how the pool is split: iid, dirichlet (label skew), natural (by owner), or auto: dirichlet when the "
+        "task's data has class labels, else natural when it has owners, else iid",
+    )
+    personalize_epochs: int = _field(0, "after the last round, each node fine-tunes the final model and keeps it")
     adversaries: Mapping[str, int] = field(default_factory=dict)
     """Extra adversarial nodes by kind (see ADVERSARY_REASONS); they never change honest data."""
     out_dir: Path = Path("runs/simulate")
     """Output folder (keys, manifest, record, plot)."""
-    federation_id: str = "weft-sim"
-    """Federation id written into the manifest and every signature."""
-    ray_address: str | None = None
-    """Address of an existing Ray cluster; None starts a local one."""
-    cpus_per_node: float = 1.0
-    """Ray CPUs reserved per simulated node (sets how many run at once)."""
-    gpus_per_node: float = 0.0
-    """Ray GPUs reserved per simulated node (e.g. 0.25 shares one GPU among four)."""
-    federated_evaluation: bool = True
-    """Ask nodes to evaluate each global model on their local validation split."""
-    verbose: bool = False
-    """Show Flower's and Ray's own logs."""
+    federation_id: str = _field("weft-sim", "federation id written into the manifest and every signature")
+    ray_address: str | None = _field(None, "connect to an existing Ray cluster instead of starting one")
+    cpus_per_node: float = _field(1.0, "Ray CPUs reserved per simulated node (sets how many run at once)")
+    gpus_per_node: float = _field(0.0, "Ray GPUs per simulated node (0.25 shares one GPU among four)")
+    federated_evaluation: bool = _field(True, "ask nodes to evaluate each global model on their validation split")
+    verbose: bool = _field(False, "show Flower's and Ray's own logs")
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "nodes", "must be >= 1")
@@ -212,6 +209,59 @@ class SimulationConfig:
         return [kind for kind in ADVERSARY_REASONS for _ in range(self.adversaries.get(kind, 0))]
 
 
+@dataclass(frozen=True)
+class NodeSettings:
+    """A deployed node's settings, from `flower-supernode --node-config` (docs/DEPLOY.md)."""
+
+    key: Path
+    """The partner's private signing key (weft keygen)."""
+    coordinator_key: Path
+    """The coordinator's public key: the only key global models are trusted from."""
+    federation_id: str
+    """The federation this node serves."""
+    workdir: Path
+    """Where the node keeps its latest local (and personalized) model."""
+    data_dir: Path
+    """The partner's own data folder, read by the task's local data recipe; it never leaves the node."""
+    task: str = "digits"
+    """Built-in name or module:attr: the same task as the run's."""
+    model_dir: Path | None = None
+    """A checkpoint folder the partner holds, for task factories such as lm."""
+    personalize_epochs: int = 0
+    """Local epochs of fine-tuning on the final model (kept by the partner) when the run asks for it."""
+    seed: int = 0
+    """Node-local seed mixed into the round's shuffling seed."""
+    device: str = "auto"
+    """auto, cpu or cuda[:N]."""
+
+    def __post_init__(self) -> None:
+        _require(self.personalize_epochs >= 0, "personalize-epochs", "must be >= 0")
+        _require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+
+    @classmethod
+    def from_node_config(cls, values: Mapping[str, Any]) -> NodeSettings:
+        """Parse Flower's node_config ("" counts as not set); errors name the key."""
+        return parse_settings(cls, values, "node config")
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """Operator-side settings of a deployed run, from `--run-config` (besides RunConfig's keys)."""
+
+    manifest: Path
+    """The federation manifest (JSON)."""
+    coordinator_key: Path
+    """The coordinator's private key."""
+    out_dir: Path
+    """Folder for the run's record."""
+    run_id: str = ""
+    """The run's id; a fresh one is generated when empty."""
+    personalize: bool = False
+    """After the last round, ask every node to fine-tune the final model locally and report before/after."""
+    federated_evaluation: bool = True
+    """Ask every node to evaluate each new global model on its own validation split."""
+
+
 def parse_adversaries(text: str) -> dict[str, int]:
     """Parse `tamper=1,unsigned=2` (or `all` for one of each kind)."""
     if not text.strip():
@@ -240,34 +290,58 @@ def _require(ok: bool, name: str, problem: str) -> None:
         raise ConfigError(f"{name}: {problem}")
 
 
-def _from_mapping(cls: type[RunConfig], values: Mapping[str, Any], source: str) -> RunConfig:
-    """Typed RunConfig from kebab-case keys; every problem names its key."""
-    defaults = cls()
-    known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
+def parse_settings(cls: type[_S], values: Mapping[str, Any], source: str) -> _S:
+    """The one parser of every settings dataclass: kebab-case keys from Flower's string-keyed configs.
+
+    Unknown and missing required keys are errors; "" means "not set" (the field's default applies);
+    each value must be, or spell, the field's type (str, int, float, bool, Path, or optional ones).
+    Every message names `source` and the key.
+    """
+    prefix = f"{source}: " if source else ""
+    hints = get_type_hints(cls)
+    by_key = {f.name.replace("_", "-"): f for f in fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in values.items() if v != ""}
+    unknown = sorted(set(values) - set(by_key))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        want = type(getattr(defaults, known[key]))
-        kwargs[known[key]] = _coerce(value, want, f"{source}: {key}" if source else key)
+        raise ConfigError(f"{prefix}unknown key(s) {unknown}; known keys: {sorted(by_key)}")
+    missing = sorted(k for k, f in by_key.items() if k not in values and _required(f))
+    if missing:
+        raise ConfigError(f"{prefix}missing required key(s) {missing}")
+    kwargs = {by_key[k].name: _coerce(v, hints[by_key[k].name], f"{prefix}{k}") for k, v in values.items()}
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from exc
+        raise ConfigError(f"{prefix}{exc}") from exc
 
 
-def _coerce(value: Any, want: type, where: str) -> Any:
-    """Accept the value if it is (or spells) the wanted scalar type."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {want.__name__}, got a boolean")
-    try:
-        if want is int and (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            return int(value)
-        if want is float and isinstance(value, int | float | str):
-            return float(value)
-        if want is str and isinstance(value, str) and value:
+def _required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type `hint` names (X | None accepts what X accepts); else a ConfigError naming `where`."""
+    options = [t for t in get_args(hint) if t is not type(None)] if get_origin(hint) in (Union, UnionType) else [hint]
+    want = options[0]
+    name = getattr(want, "__name__", str(want))
+    if isinstance(value, bool) and want is not bool:
+        raise ConfigError(f"{where}: expected {name}, got a boolean")
+    if want is bool:
+        if isinstance(value, bool):
             return value
-    except ValueError:
-        pass
-    raise ConfigError(f"{where}: expected {want.__name__}, got {value!r}")
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif want is int:
+        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+            return int(value)
+    elif want is float:
+        try:
+            if isinstance(value, int | float | str):
+                return float(value)
+        except ValueError:
+            pass
+    elif want is str:
+        if isinstance(value, str):
+            return value
+    elif want is Path and isinstance(value, str | Path):
+        return Path(value)
+    raise ConfigError(f"{where}: expected {name}, got {value!r}")

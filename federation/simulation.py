@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -22,21 +20,18 @@ from flwr.app import Context
 from torch.utils.data import Subset
 
 from coordinator import (
-    CoordinatorRuntime,
-    CoordinatorSettings,
     Observer,
     RunResult,
     make_server_app,
 )
 from federation.adversary import Adversaries
-from federation.config import RunConfig, SimulationConfig
+from federation.config import SimulationConfig
 from federation.errors import ConfigError
-from federation.evaluation import CentralEvaluator
 from federation.partition import dirichlet_partition, iid_partition, natural_partition, owners_of, train_val_split
+from federation.runtime import RunPlan, build_coordinator, build_node
 from federation.tasks import SimulationData, Task, TaskOptions, check_task, load_task
-from node import ExchangeSpec, LocalModel, NodeRuntime, make_client_app, pick_device
+from node import NodeRuntime, make_client_app, pick_device
 from protocols import (
-    ConfigValue,
     Manifest,
     Member,
     SigningKey,
@@ -44,7 +39,6 @@ from protocols import (
     load_signing_key,
     save_public_key,
     save_signing_key,
-    wire,
 )
 
 for _var, _value in {
@@ -92,21 +86,17 @@ class SimulatedNodes:
 @lru_cache(maxsize=256)
 def _node_runtime(nodes: SimulatedNodes, pid: int) -> NodeRuntime:
     torch.set_num_threads(1)  # several simulated nodes share few cores
-    task = _task(nodes.task, nodes.model_dir)
     train, val = nodes.local_data(pid)
-    return NodeRuntime(
+    return build_node(
+        _task(nodes.task, nodes.model_dir),
         identity=load_signing_key(nodes.key_path(pid)),
         coordinator_key=load_public_key(nodes.home / "keys" / "coordinator.pub"),
         federation_id=nodes.federation_id,
-        task=task.name,
-        make_model=task.make_model,
-        train_data=train,
-        val_data=val,
+        train=train,
+        val=val,
         workdir=nodes.home / "nodes" / f"node-{pid:03d}",
         device=pick_device("auto"),
         seed=pid,
-        recipe=task.recipe,
-        subset=task.subset,
         personalize_epochs=nodes.personalize_epochs,
     )
 
@@ -186,21 +176,6 @@ def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey
     return nodes, manifest, coordinator
 
 
-def initial_model(task: Task, spec: ExchangeSpec, seed: int) -> LocalModel:
-    """The round-0 model (seeded), whose exchanged arrays start the run and whose frozen digest is signed."""
-    torch.manual_seed(seed)
-    return LocalModel(task.make_model, spec, task.subset)
-
-
-def instructions(run: RunConfig, spec: ExchangeSpec, frozen: str) -> Callable[[int], dict[str, ConfigValue]]:
-    """The signed config of each round: training settings (scheduled learning rate), exchange spec, base digest."""
-
-    def of_round(round_: int) -> dict[str, ConfigValue]:
-        return {**run.train_config(round_), **spec.to_config(), wire.FROZEN_DIGEST: frozen}
-
-    return of_round
-
-
 def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
     """Run the simulation to completion; raise if the run fails (e.g. a quorum is missed)."""
     from flwr.simulation import run_simulation
@@ -209,35 +184,18 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
     nodes, manifest, coordinator = prepare(cfg)
     task = _task(cfg.run.task, cfg.run.model_dir)
     data = _task_data(cfg.run.task, cfg.run.model_dir, cfg.run.seed)
-    spec = cfg.run.exchange_spec()
-    try:
-        start = initial_model(task, spec, cfg.run.seed)
-    except ValueError as exc:
-        raise ConfigError(f"exchange: {exc}") from exc
-    runtime = CoordinatorRuntime(
-        settings=CoordinatorSettings(
-            federation_id=cfg.federation_id,
-            run_id=f"sim-{uuid.uuid4().hex[:12]}",
-            task=task.name,
-            rounds=cfg.run.rounds,
-            out_dir=nodes.home,
-            train_config=instructions(cfg.run, spec, start.frozen),
-            record_config=_record_config(cfg, data),
-            quorum=cfg.run.quorum,
-            round_timeout_s=cfg.run.round_timeout_s,
-            federated_evaluation=cfg.federated_evaluation,
-            target_metric=task.recipe.target,
-            maximize=task.recipe.maximize,
-            personalize=cfg.personalize_epochs > 0,
-        ),
-        identity=coordinator,
+    plan = RunPlan(
         manifest=manifest,
-        initial_arrays=start.arrays(),
-        central_eval=CentralEvaluator(task, spec, data.test),
-        central_eval_data=data.description,
+        identity=coordinator,
+        out_dir=nodes.home,
+        run_id_prefix="sim",
+        held_out=data,
+        record=_record_config(cfg, data),
+        federated_evaluation=cfg.federated_evaluation,
+        personalize=cfg.personalize_epochs > 0,
         observer=observer,
     )
-    del start
+    runtime = build_coordinator(task, cfg.run, plan)
     results: list[RunResult] = []
     roles = {cfg.nodes + i: kind for i, kind in enumerate(cfg.adversary_kinds)}
     client_app = make_client_app(nodes, mods=[Adversaries(roles, nodes)] if roles else [])
@@ -257,7 +215,7 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
 
 def _record_config(cfg: SimulationConfig, data: SimulationData) -> dict[str, object]:
     """The complete resolved configuration for summary.json; a natural split also records who holds which owner."""
-    record: dict[str, object] = {**cfg.run.to_json(), **cfg.to_json()}
+    record: dict[str, object] = cfg.to_json()
     if cfg.partition == "natural" and data.owners is not None:
         record["partition-owners"] = owners_of(data.owners, cfg.nodes)
     return record

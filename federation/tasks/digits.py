@@ -45,5 +45,5 @@ task = Task(
     load_data=load_data,
     local_data=labeled_csv_recipe(features=64, classes=10),
     # Adam suits this MLP better than SGD (docs/BENCHMARKS.md: central vs federated); flags override.
-    defaults={"optimizer": "adam", "learning-rate": 0.001, "local-epochs": 1},
+    defaults={"optimizer": "adam", "learning-rate": 0.02, "local-epochs": 5, "batch-size": 32},
 )
