@@ -47,13 +47,14 @@ class RunRecord:
             write_signed_model(self.out_dir / FINAL_MODEL, arrays, signed)
         return path
 
-    def append_round(self, report: RoundReport) -> None:
-        """Add one line to metrics.jsonl."""
+    def append_round(self, report: RoundReport, manifest_version: int) -> None:
+        """Add one line to metrics.jsonl (with the version of the manifest the round was verified against)."""
         reasons: dict[str, int] = {}
         for rej in report.rejected:
             reasons[str(rej.reason)] = reasons.get(str(rej.reason), 0) + 1
         line = {
             "round": report.round,
+            "manifest_version": manifest_version,
             **dict(report.central),  # held-out metrics: loss, accuracy (or perplexity, ...)
             **{f"federated_{k.removeprefix('eval_')}": v for k, v in report.federated.items()},
             "nodes": report.nodes,
@@ -75,9 +76,9 @@ class RunRecord:
         """Record each node's validation metrics before and after its local personalization."""
         self._append({"phase": "personalization", "nodes": nodes})
 
-    def append_failure(self, round_: int, error: str) -> None:
+    def append_failure(self, round_: int, error: str, manifest_version: int) -> None:
         """Record a round that failed (no model was produced)."""
-        self._append({"round": round_, "status": "failed", "error": error})
+        self._append({"round": round_, "status": "failed", "error": error, "manifest_version": manifest_version})
 
     def write_summary(self, summary: Mapping[str, Any]) -> Path:
         """Write summary.json."""

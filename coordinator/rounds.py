@@ -52,7 +52,7 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
     """Run every round of `rt.settings`; write the record; return the summary."""
     s = rt.settings
     record = RunRecord(s.out_dir)
-    need = s.min_accepted(len(rt.manifest))
+    need = s.min_accepted(len(rt.manifest.active))  # suspended and revoked members do not count
     started = time.monotonic()
     global_arrays = {name: np.asarray(a) for name, a in rt.initial_arrays.items()}
     template = structure(global_arrays)
@@ -88,10 +88,10 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
             reasons = ", ".join(f"{r}={n}" for r, n in sorted(Counter(str(x.reason) for x in rejected).items()))
             error = (
                 f"round {rnd}: accepted {len(spool)} update(s), quorum is {need} "
-                f"({s.quorum:.0%} of {len(rt.manifest)} members); rejected {len(rejected)}"
+                f"({s.quorum:.0%} of {len(rt.manifest.active)} active members); rejected {len(rejected)}"
                 f"{f' ({reasons})' if reasons else ''}, no reply from {len(node_ids) - replied}"
             )
-            record.append_failure(rnd, error)
+            record.append_failure(rnd, error, manifest_version=rt.manifest.version)
             record.write_summary(_summary(rt, rnd - 1, report, best, totals, started, status="failed", error=error))
             raise QuorumNotReached(error)
 
@@ -118,7 +118,7 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
             federated=federated,
             duration_s=time.monotonic() - round_start,
         )
-        record.append_round(report)
+        record.append_round(report, manifest_version=rt.manifest.version)
         _add_totals(totals, report)
         best = report if _better(s, report, best) else best
         rt.observer.round_finished(report)
@@ -357,6 +357,7 @@ def _summary(
         "global_model_digest": last.global_digest if last else None,
         "global_model_file": FINAL_MODEL if last else None,
         "coordinator_public_key": rt.identity.public_key.hex(),
+        "manifest_version": rt.manifest.version,
         "wall_s": round(time.monotonic() - started, 2),
     }
     if personal:

@@ -41,6 +41,7 @@ class Expectation:
     template: Mapping[str, ArraySpec]
     """Names, dtypes and shapes of the global model."""
     manifest: Manifest
+    """The manifest in force: only its `active` members' updates are accepted."""
     seen: set[str] = field(default_factory=set)
     """Members already accepted this round (a second update is a replay)."""
 
@@ -101,6 +102,12 @@ def _verify(msg: Message, expect: Expectation, node_id: int) -> Accepted:
         member.public_key.verify(Domain.UPDATE, body, signature)
     except SignatureError as exc:
         raise _Reject(RejectReason.BAD_SIGNATURE, str(exc), env.sender) from exc
+    if not member.active:
+        raise _Reject(
+            RejectReason.INACTIVE_MEMBER,
+            f"member {member.name!r} is {member.status} in manifest version {expect.manifest.version}",
+            env.sender,
+        )
     _check_binding(env, expect)
     arrays = _arrays(msg, env.sender)
     _check_structure(arrays, expect.template, env.sender)

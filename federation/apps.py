@@ -126,9 +126,10 @@ def resolve_coordinator(context: Context) -> CoordinatorRuntime:
     # FAB does not declare); "" counts as not set, so a forgotten path fails naming its key.
     dep = parse_settings(DeploymentSettings, {k: v for k, v in values.items() if k not in run_keys}, "run config")
     task, run = resolve_run({k: v for k, v in values.items() if k in run_keys}, "run config")
+    identity = load_signing_key(dep.coordinator_key)
     plan = RunPlan(
-        manifest=Manifest.load(dep.manifest),
-        identity=load_signing_key(dep.coordinator_key),
+        manifest=Manifest.load(dep.manifest, coordinator_key=identity.public_key),
+        identity=identity,
         out_dir=dep.out_dir,
         run_id=dep.run_id,
         held_out=_held_out(task, run.seed),

@@ -87,16 +87,31 @@ def _explicit_run_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from protocols import SigningKey, save_public_key, save_signing_key
+    """`weft keygen`: the first spelling of `weft keys new` (without --kind: the Ed25519 pair only)."""
+    return _keys_new(args)
 
-    key = SigningKey.generate()
+
+def _keys_new(args: argparse.Namespace) -> int:
+    from protocols import ID_PATTERN, SigningKey, create_flower_auth_key, save_public_key, save_signing_key
+
+    if not ID_PATTERN.fullmatch(args.name):
+        raise ConfigError(f"name: {args.name!r} is not a valid file name stem (1-128 characters of A-Z a-z 0-9 . _ -)")
     out = Path(args.out)
-    for suffix in (".key", ".pub"):
-        if (out / f"{args.name}{suffix}").exists():
-            raise FileExistsError(f"{out / (args.name + suffix)} already exists; refusing to overwrite a key")
-    save_signing_key(key, out / f"{args.name}.key")
-    save_public_key(key.public_key, out / f"{args.name}.pub")
-    print(f"member id {key.member_id}: {out / (args.name + '.key')} (private, mode 600), {out / (args.name + '.pub')}")
+    key_path, pub_path = out / f"{args.name}.key", out / f"{args.name}.pub"
+    flower = (out / f"{args.name}.flower.key", out / f"{args.name}.flower.pub") if args.kind == "node" else None
+    for path in (key_path, pub_path, *(flower or ())):
+        if path.exists():  # nothing is written unless every file is new
+            raise FileExistsError(f"{path} already exists; refusing to overwrite a key")
+    key = SigningKey.generate()
+    save_signing_key(key, key_path)
+    save_public_key(key.public_key, pub_path)
+    print(f"member id {key.member_id}: {key_path} (private, mode 600), {pub_path}")
+    if flower:
+        create_flower_auth_key(*flower, comment=args.name)
+        print(
+            f"Flower auth key (ECDSA P-384, OpenSSH): {flower[0]} (private, mode 600; flower-supernode "
+            f"--auth-supernode-private-key), {flower[1]} (flwr supernode register; weft manifest add --flower-auth-key)"
+        )
     return 0
 
 
@@ -127,30 +142,79 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _manifest_init(args: argparse.Namespace) -> int:
-    from protocols import Manifest, load_public_key
+    from protocols import Manifest, load_public_key, load_signing_key
 
     path = Path(args.manifest)
     if path.exists():
         raise FileExistsError(f"{path} already exists")
-    Manifest(args.federation_id, load_public_key(Path(args.coordinator_key)), ()).save(path)
-    print(f"created {path} for federation {args.federation_id} (no members yet: add them with `weft manifest add`)")
+    key = load_signing_key(Path(args.coordinator_key_file))
+    if args.coordinator_key and load_public_key(Path(args.coordinator_key)) != key.public_key:
+        raise ConfigError(
+            f"coordinator-key: {args.coordinator_key} is not the public half of {args.coordinator_key_file}"
+        )
+    manifest = Manifest(args.federation_id, key.public_key, ()).save(path, key)  # validated before it is written
+    print(
+        f"created {path} (version {manifest.version}) for federation {manifest.federation_id}, signed by coordinator "
+        f"{key.member_id} (no members yet: add them with `weft manifest add`)"
+    )
     return 0
 
 
 def _manifest_add(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from protocols import Member, load_flower_auth_public_key, load_public_key
 
-    from protocols import Manifest, Member, load_public_key
+    path, key, manifest = _manifest_for_edit(args)
+    flower = load_flower_auth_public_key(Path(args.flower_auth_key)) if args.flower_auth_key else ""
+    member = Member(args.name, load_public_key(Path(args.key)), args.jurisdiction, args.max_examples,
+                    flower_auth_key=flower)  # fmt: skip
+    manifest = manifest.with_member(member).save(path, key)
+    who = f"{member.name} (member id {member.member_id}, {member.jurisdiction})"
+    print(f"added {who} to {path}: version {manifest.version}")
+    return 0
 
+
+def _manifest_suspend(args: argparse.Namespace) -> int:
+    return _manifest_status(args, "suspended")
+
+
+def _manifest_reinstate(args: argparse.Namespace) -> int:
+    return _manifest_status(args, "active")
+
+
+def _manifest_revoke(args: argparse.Namespace) -> int:
+    return _manifest_status(args, "revoked")
+
+
+def _manifest_status(args: argparse.Namespace, status: str) -> int:
+    path, key, manifest = _manifest_for_edit(args)
+    member = manifest.find(args.member)
+    manifest = manifest.with_status(member.member_id, status).save(path, key)
+    print(f"{member.name} (member id {member.member_id}) is now {status} in {path}: version {manifest.version}")
+    return 0
+
+
+def _manifest_for_edit(args: argparse.Namespace) -> tuple[Path, Any, Any]:
+    """(path, coordinator signing key, current manifest): the manifest must be signed by that very key."""
+    from protocols import Manifest, load_signing_key
+
+    key = load_signing_key(Path(args.coordinator_key_file))
     path = Path(args.manifest)
-    manifest = Manifest.load(path)
-    member = Member(args.name, load_public_key(Path(args.key)), args.jurisdiction, args.max_examples)
-    if args.max_examples < 1:
-        raise ConfigError("max-examples: must be >= 1")
-    if manifest.get(member.member_id) is not None:
-        raise ConfigError(f"key: member {member.member_id} is already in {path}")
-    replace(manifest, members=(*manifest.members, member)).save(path)
-    print(f"added {args.name} (member id {member.member_id}, {args.jurisdiction}) to {path}")
+    return path, key, Manifest.load(path, coordinator_key=key.public_key)
+
+
+def _manifest_show(args: argparse.Namespace) -> int:
+    from protocols import Manifest, load_public_key
+
+    trusted = load_public_key(Path(args.coordinator_key)) if args.coordinator_key else None
+    manifest = Manifest.load(Path(args.manifest), coordinator_key=trusted)
+    check = "the given coordinator key" if trusted else "its own coordinator key (pass --coordinator-key to pin it)"
+    print(
+        f"{args.manifest}: federation {manifest.federation_id}, version {manifest.version}, "
+        f"coordinator {manifest.coordinator_key.member_id}; signature verified under {check}"
+    )
+    for m in manifest:
+        flower = "flower-auth yes" if m.flower_auth_key else "flower-auth no"
+        print(f"  {m.member_id}  {m.name}  {m.jurisdiction}  {m.status}  max-examples {m.max_examples}  {flower}")
     return 0
 
 
@@ -214,7 +278,20 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="output folder (default: runs/sim-<timestamp>)")
     sim.set_defaults(func=_simulate)
 
-    kg = sub.add_parser("keygen", help="create an Ed25519 key pair (NAME.key, NAME.pub)")
+    keys = sub.add_parser("keys", help="create key pairs")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    kn = keys_sub.add_parser(
+        "new",
+        help="create an Ed25519 key pair (NAME.key, NAME.pub); for a node also its Flower auth key pair",
+        description="Private keys are written with mode 600 and never overwritten. --kind node also writes "
+        "NAME.flower.key / NAME.flower.pub: the node's Flower SuperNode auth key pair (ECDSA P-384, OpenSSH).",
+    )
+    kn.add_argument("--kind", required=True, choices=("node", "coordinator"), help="whose keys these are")
+    kn.add_argument("--out", required=True, help="folder for the key files")
+    kn.add_argument("--name", required=True, help="file name stem, e.g. hospital-a")
+    kn.set_defaults(func=_keys_new)
+    kg = sub.add_parser("keygen", help="create an Ed25519 key pair (NAME.key, NAME.pub); same as `weft keys new`")
+    kg.add_argument("--kind", choices=("node", "coordinator"), help="node: also the Flower auth key pair")
     kg.add_argument("--out", required=True, help="folder for the key files")
     kg.add_argument("--name", required=True, help="file name stem, e.g. hospital-a")
     kg.set_defaults(func=_keygen)
@@ -236,20 +313,42 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapters-only", action="store_true", help="LoRA runs: write the adapters, not the merged model")
     ex.set_defaults(func=_export)
 
-    man = sub.add_parser("manifest", help="create or extend a federation manifest")
+    man = sub.add_parser(
+        "manifest",
+        help="create, extend or change a signed federation manifest",
+        description="Every edit writes the next version, signed with the coordinator's private key, atomically.",
+    )
     man_sub = man.add_subparsers(required=True, metavar="ACTION")
-    mi = man_sub.add_parser("init", help="start a manifest with the coordinator's public key")
+    signer = argparse.ArgumentParser(add_help=False)
+    signer.add_argument("--coordinator-key-file", required=True, help="the coordinator's private key (.key)")
+    mi = man_sub.add_parser("init", parents=[signer], help="start a manifest (version 1) for a federation")
     mi.add_argument("manifest", help="path of the manifest to create")
     mi.add_argument("--federation-id", required=True, help="e.g. eu-health-2026")
-    mi.add_argument("--coordinator-key", required=True, help="the coordinator's public key (.pub)")
+    mi.add_argument("--coordinator-key", help="the coordinator's public key (.pub); checked against the private key")
     mi.set_defaults(func=_manifest_init)
-    ma = man_sub.add_parser("add", help="admit a member")
+    ma = man_sub.add_parser("add", parents=[signer], help="admit a member (status active)")
     ma.add_argument("manifest", help="path of an existing manifest")
     ma.add_argument("--name", required=True, help="member name, e.g. hospital-a")
     ma.add_argument("--key", required=True, help="the member's public key (.pub)")
     ma.add_argument("--jurisdiction", required=True, help="where the member's data lives, e.g. DE")
     ma.add_argument("--max-examples", type=int, required=True, help="most examples it may claim per update")
+    ma.add_argument(
+        "--flower-auth-key", help="the node's Flower auth public key (NAME.flower.pub from `weft keys new`)"
+    )
     ma.set_defaults(func=_manifest_add)
+    for action, func, help_ in (
+        ("suspend", _manifest_suspend, "suspend a member: its updates are rejected until it is reinstated"),
+        ("reinstate", _manifest_reinstate, "make a suspended member active again"),
+        ("revoke", _manifest_revoke, "revoke a member for good (it can never be reinstated)"),
+    ):
+        ms = man_sub.add_parser(action, parents=[signer], help=help_)
+        ms.add_argument("manifest", help="path of an existing manifest")
+        ms.add_argument("--member", required=True, help="the member's name or member id")
+        ms.set_defaults(func=func)
+    mshow = man_sub.add_parser("show", help="verify a manifest's signature and list its members")
+    mshow.add_argument("manifest", help="path of a manifest")
+    mshow.add_argument("--coordinator-key", help="the trusted coordinator public key (.pub) it must be signed by")
+    mshow.set_defaults(func=_manifest_show)
     return parser
 
 

@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 BOOKKEEPING = frozenset(
-    {"round", "nodes", "accepted", "rejected", "missing", "duration_s", "contributions", "rejections",
-     "rejected_by_reason", "global_model_digest", "status", "error", "phase"}
+    {"round", "manifest_version", "nodes", "accepted", "rejected", "missing", "duration_s", "contributions",
+     "rejections", "rejected_by_reason", "global_model_digest", "status", "error", "phase"}
 )  # fmt: skip
 """Keys of a metrics.jsonl line that are not metrics."""
 ORDER = ("loss", "accuracy", "perplexity", "bits_per_byte")

@@ -172,7 +172,7 @@ def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey
         name = f"node-{pid:03d}" if kind is None else f"adversary-{pid:03d}-{kind}"
         members.append(Member(name, key.public_key, jurisdiction="SIM", max_examples=max(len(train), 1)))
     manifest = Manifest(cfg.federation_id, coordinator.public_key, tuple(members))
-    manifest.save(home / "manifest.json")
+    manifest = manifest.save(home / "manifest.json", coordinator)  # signed v2 manifest, version 1
     return nodes, manifest, coordinator
 
 

@@ -21,17 +21,21 @@ from protocols.errors import (
     ManifestError,
     ProtocolError,
     SignatureError,
+    WeakKeyError,
 )
 from protocols.identity import (
     Domain,
     PublicKey,
     SigningKey,
+    create_flower_auth_key,
+    flower_auth_public_key,
+    load_flower_auth_public_key,
     load_public_key,
     load_signing_key,
     save_public_key,
     save_signing_key,
 )
-from protocols.manifest import Manifest, Member
+from protocols.manifest import Manifest, Member, Status, check_successor
 from protocols.modelfile import SignedModel, read_signed_model, write_signed_model
 from protocols.reasons import RejectReason
 
@@ -54,7 +58,13 @@ __all__ = [
     "SignedBlob",
     "SignedModel",
     "SigningKey",
+    "Status",
     "UpdateEnvelope",
+    "WeakKeyError",
+    "check_successor",
+    "create_flower_auth_key",
+    "flower_auth_public_key",
+    "load_flower_auth_public_key",
     "load_public_key",
     "load_signing_key",
     "open_global_model",

@@ -19,3 +19,7 @@ class KeyFileError(ProtocolError):
 
 class ManifestError(ProtocolError):
     """A federation manifest that is malformed; the message names the field."""
+
+
+class WeakKeyError(ProtocolError, ValueError):
+    """An Ed25519 public key encoding that weft refuses: small-order, non-canonical or not on the curve."""

@@ -4,6 +4,14 @@ A member id is a short fingerprint of the public key: the first 8 bytes of
 SHA-256(b"weft/member-id/v1\\x00" || raw public key), as 16 lowercase hex digits.
 Every signature is made over `domain || message`, where the domain names the kind of
 structure (see `Domain`), so a signature over one kind can never be replayed as another.
+
+A `PublicKey` is refused on construction when its encoding is weak (docs/PROTOCOL.md, section 3.1):
+a small-order point (OpenSSL accepts forged signatures for these, e.g. any message under the
+identity point), a non-canonical encoding (y >= p) or bytes that are not a point of the curve.
+Every key read from a file or a manifest is therefore checked.
+
+A node also holds a Flower authentication key pair (SuperNode auth in Flower 1.42: ECDSA on a NIST
+curve, OpenSSH format); `create_flower_auth_key` writes one, `flower_auth_public_key` checks one.
 """
 
 from __future__ import annotations
@@ -15,13 +23,36 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocols.errors import KeyFileError, SignatureError
+from protocols.errors import KeyFileError, SignatureError, WeakKeyError
 
 MEMBER_ID_DOMAIN = b"weft/member-id/v1\x00"
+
+_P = 2**255 - 19
+"""The field prime of Curve25519."""
+_D = -121665 * pow(121666, -1, _P) % _P
+"""The twisted Edwards curve constant d of Ed25519 (RFC 8032, section 5.1)."""
+SMALL_ORDER_KEYS = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "0100000000000000000000000000000000000000000000000000000000000000",  # identity (order 1)
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2 (y = p - 1)
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4 (y = 0)
+        "0000000000000000000000000000000000000000000000000000000000000080",  # order 4 (y = 0, x odd)
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # order 8
+    )
+)
+"""The canonical encodings of the 8 points of order 1, 2, 4 or 8 (the torsion subgroup of Ed25519)."""
+_SMALL_ORDER_Y = frozenset(int.from_bytes(k, "little") & ((1 << 255) - 1) for k in SMALL_ORDER_KEYS)
+FLOWER_AUTH_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+"""NIST curves Flower 1.42 accepts for SuperNode authentication keys (the OpenSSH ECDSA curves)."""
 
 
 class Domain(enum.Enum):
@@ -29,7 +60,8 @@ class Domain(enum.Enum):
 
     UPDATE = b"weft/update/v1\x00"
     GLOBAL_MODEL = b"weft/global-model/v1\x00"
-    MANIFEST = b"weft/manifest/v1\x00"
+    MANIFEST = b"weft/manifest/v2\x00"
+    """Manifest format v2 (`weft/manifest/v1` was reserved but never used: v1 manifests were unsigned)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +73,9 @@ class PublicKey:
     def __post_init__(self) -> None:
         if len(self.raw) != 32:
             raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(self.raw)}")
+        weakness = key_weakness(self.raw)
+        if weakness:
+            raise WeakKeyError(f"refused Ed25519 public key {self.raw.hex()}: {weakness}")
 
     @property
     def member_id(self) -> str:
@@ -66,6 +101,25 @@ class PublicKey:
             Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, domain.value + message)
         except InvalidSignature as exc:
             raise SignatureError(f"signature does not verify for member {self.member_id}") from exc
+
+
+def key_weakness(raw: bytes) -> str | None:
+    """Why the 32-byte encoding `raw` is refused as a public key, or None if it is acceptable.
+
+    `y` is the little-endian integer of `raw` without its top bit (the sign of x). Refused, in this order:
+    y >= p (a non-canonical encoding); y of a small-order point, whatever the sign bit (this covers the
+    identity, the 7 other torsion points and the invalid "x = -0" encodings); no x with x^2 =
+    (y^2 - 1) / (d y^2 + 1), i.e. not a point of the curve.
+    """
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= _P:
+        return "non-canonical encoding (y >= 2^255 - 19)"
+    if y in _SMALL_ORDER_Y:
+        return "small-order point (a signature under it can be forged)"
+    x2 = (y * y - 1) * pow(_D * y * y + 1, -1, _P) % _P
+    if x2 and pow(x2, (_P - 1) // 2, _P) != 1:  # Euler's criterion: x^2 has no square root mod p
+        return "not a point on the curve"
+    return None
 
 
 class SigningKey:
@@ -150,7 +204,66 @@ def load_public_key(path: Path) -> PublicKey:
         raise KeyFileError(f"{path} is not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, weft needs an Ed25519 key")
-    return PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    try:
+        return PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    except WeakKeyError as exc:
+        raise KeyFileError(f"{path}: {exc}") from exc
+
+
+# ---- Flower SuperNode authentication keys (transport identity; weft's own identity stays Ed25519) ----------
+
+
+def create_flower_auth_key(private_path: Path, public_path: Path, comment: str = "") -> str:
+    """Create a Flower 1.42 SuperNode authentication key pair; return the public key as `TYPE BASE64`.
+
+    ECDSA on NIST P-384, as `ssh-keygen -t ecdsa -b 384` makes: the private key in OpenSSH format
+    (`flower-supernode --auth-supernode-private-key`, mode 600), the public key as one OpenSSH line
+    (`flwr supernode register`). Neither file is ever overwritten.
+    """
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyFileError(f"{path} already exists; refusing to overwrite a key")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _create(private_path, private, 0o600)
+    _create(public_path, public + (f" {comment}".encode() if comment else b"") + b"\n", 0o644)
+    return public.decode()
+
+
+def flower_auth_public_key(text: str) -> str:
+    """Check an OpenSSH public key line for Flower SuperNode auth; return it as `TYPE BASE64` (no comment).
+
+    Raises ValueError unless it is an ECDSA key on a NIST curve (what `flwr supernode register` accepts).
+    """
+    try:
+        key = serialization.load_ssh_public_key(text.strip().encode())
+    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError) as exc:
+        raise ValueError(f"not an OpenSSH public key ({exc})") from exc
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, FLOWER_AUTH_CURVES):
+        raise ValueError("Flower SuperNode auth needs an ECDSA key on a NIST curve (e.g. ecdsa-sha2-nistp384)")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+
+
+def load_flower_auth_public_key(path: Path) -> str:
+    """Read a Flower auth public key file (one OpenSSH line) as `TYPE BASE64`; errors name the file."""
+    data = _read_key_file(path, "Flower auth public key")
+    try:
+        return flower_auth_public_key(data.decode("ascii"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"{path}: {exc}") from exc
+
+
+def _create(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as exc:
+        raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from exc
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
 
 
 def _read_key_file(path: Path, what: str) -> bytes:

@@ -18,6 +18,8 @@ class RejectReason(enum.StrEnum):
     """The sender's key is not in the federation manifest."""
     BAD_SIGNATURE = "bad_signature"
     """The signature does not verify under the sender's registered key."""
+    INACTIVE_MEMBER = "inactive_member"
+    """A validly signed update from a member the manifest in force lists as suspended or revoked."""
     WRONG_FEDERATION = "wrong_federation"
     """Signed for another federation."""
     WRONG_RUN = "wrong_run"

@@ -517,11 +517,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         # ---- keys (operator and each partner, beforehand) and the manifest (operator) --------------------
         weft("keygen", "--out", str(keys), "--name", "coordinator")
         weft("manifest", "init", str(manifest), "--federation-id", FEDERATION_ID,
-             "--coordinator-key", str(keys / "coordinator.pub"))  # fmt: skip
+             "--coordinator-key", str(keys / "coordinator.pub"),
+             "--coordinator-key-file", str(keys / "coordinator.key"))  # fmt: skip
         for i in range(NODES):
             weft("keygen", "--out", str(keys), "--name", f"node-{i}")
             weft("manifest", "add", str(manifest), "--name", f"node-{i}", "--key", str(keys / f"node-{i}.pub"),
-                 "--jurisdiction", "DE", "--max-examples", "2000")  # fmt: skip
+                 "--jurisdiction", "DE", "--max-examples", "2000",
+                 "--coordinator-key-file", str(keys / "coordinator.key"))  # fmt: skip
 
         # ---- each partner's own data: an IID half of the synthetic training pool, as CSV files -----------
         pool = synthetic_task.load_data(0).train

@@ -148,5 +148,5 @@ def test_missed_quorum_fails_loudly_and_produces_no_model(tmp_path: Path) -> Non
     assert "unsigned=2" in proc.stderr
     s = summary(out)
     assert s["status"] == "failed" and s["global_model_digest"] is None
-    assert metrics(out) == [{"round": 1, "status": "failed", "error": s["error"]}]
+    assert metrics(out) == [{"round": 1, "status": "failed", "error": s["error"], "manifest_version": 1}]
     assert not (out / "global" / "round-0001.npz").exists()

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
     PrivateFormat,
+    PublicFormat,
 )
 
 from protocols import (
@@ -42,7 +43,9 @@ from protocols import (
     SignatureError,
     SignedBlob,
     SigningKey,
+    Status,
     UpdateEnvelope,
+    WeakKeyError,
     load_public_key,
     load_signing_key,
     open_global_model,
@@ -59,6 +62,7 @@ from protocols import (
 from protocols.digest import DTYPES
 from protocols.encoding import MAX_BLOB_BYTES, MAX_MAP_ENTRIES, MAX_TEXT_BYTES, Reader, Writer
 from protocols.envelope import MAGIC
+from protocols.identity import SMALL_ORDER_KEYS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
@@ -118,15 +122,26 @@ def g1() -> GlobalModelEnvelope:
     )
 
 
-def m1() -> Manifest:
+def flower_auth_key_1() -> str:
+    """The OpenSSH public key of the P-384 private scalar 0x606162...8f (the bytes 96..143, big-endian)."""
+    private = ec.derive_private_key(int.from_bytes(bytes(range(96, 144)), "big"), ec.SECP384R1())
+    return private.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+
+
+def m2_unsigned() -> Manifest:
     return Manifest(
         federation_id="fed-demo",
         coordinator_key=COORDINATOR.public_key,
         members=(
-            Member("hospital-a", NODE.public_key, "DE", 5000),
-            Member("clinic-b", THIRD.public_key, "FR", 800),
+            Member("hospital-a", NODE.public_key, "DE", 5000, flower_auth_key=flower_auth_key_1()),
+            Member("clinic-b", THIRD.public_key, "FR", 800, status=Status.SUSPENDED),
         ),
+        version=2,
     )
+
+
+def m2() -> Manifest:
+    return m2_unsigned().sign(COORDINATOR)
 
 
 # ---- independent re-implementations of the documented layouts (struct + hashlib only) -----------
@@ -268,7 +283,10 @@ COMPUTED: dict[str, Callable[[Path], str]] = {
     "update-envelope-1-signature": lambda _: sign_update(NODE, u1()).signature.hex(),
     "global-model-envelope-1": lambda _: g1().encode().hex(),
     "global-model-envelope-1-signature": lambda _: sign_global_model(COORDINATOR, g1()).signature.hex(),
-    "manifest-1": lambda _: m1().to_json(),
+    "manifest-2-body": lambda _: m2_unsigned().canonical_bytes().decode("utf-8") + "\n",
+    "manifest-2-signature": lambda _: (m2().signature or b"").hex(),
+    "manifest-2": lambda _: m2().to_json(),
+    "small-order-public-keys": lambda _: "".join(sorted(k.hex() for k in SMALL_ORDER_KEYS)),
 }
 
 
@@ -390,9 +408,29 @@ def test_decoding_the_vectors_gives_the_documented_values(vectors: dict[str, str
 
 
 def test_manifest_vector_loads(vectors: dict[str, str]) -> None:
-    manifest = Manifest.from_json(vectors["manifest-1"])
-    assert _same(manifest, m1())
+    manifest = Manifest.from_json(vectors["manifest-2"], coordinator_key=COORDINATOR.public_key)
+    assert manifest == m2()
     assert [m.member_id for m in manifest] == ["14e1505a4df1e19d", "4f40b571c3f73a97"]
+    assert [(m.name, m.status) for m in manifest] == [("clinic-b", "suspended"), ("hospital-a", "active")]
+    assert manifest.version == 2
+    assert manifest.get(NODE.member_id).flower_auth_key.startswith("ecdsa-sha2-nistp384 AAAA")  # type: ignore[union-attr]
+
+
+def test_manifest_signature_vector_is_plain_ed25519_over_domain_and_canonical_body(vectors: dict[str, str]) -> None:
+    body = vectors["manifest-2-body"].removesuffix("\n").encode("utf-8")
+    assert len(body) == 804
+    doc = json.loads(vectors["manifest-2"])
+    assert doc["signature"] == vectors["manifest-2-signature"]
+    del doc["signature"]
+    # the documented canonical form, written out by hand: sorted keys, no whitespace, UTF-8
+    assert json.dumps(doc, sort_keys=True, separators=(",", ":")).encode() == body
+    verifier = Ed25519PublicKey.from_public_bytes(COORDINATOR.public_key.raw)
+    signature = bytes.fromhex(vectors["manifest-2-signature"])
+    verifier.verify(signature, b"weft/manifest/v2\x00" + body)
+    with pytest.raises(InvalidSignature):
+        verifier.verify(signature, body)
+    with pytest.raises(InvalidSignature):
+        verifier.verify(signature, b"weft/manifest/v1\x00" + body)
 
 
 # ---- constants the document names ----------------------------------------------------------------
@@ -403,7 +441,7 @@ def test_documented_constants() -> None:
     assert {d.name: d.value for d in Domain} == {
         "UPDATE": b"weft/update/v1\x00",
         "GLOBAL_MODEL": b"weft/global-model/v1\x00",
-        "MANIFEST": b"weft/manifest/v1\x00",
+        "MANIFEST": b"weft/manifest/v2\x00",
     }
     assert frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}) == DTYPES
     assert (MAX_TEXT_BYTES, MAX_BLOB_BYTES, MAX_MAP_ENTRIES) == (4096, 1 << 20, 1024)
@@ -419,6 +457,7 @@ def test_reject_reasons_in_documented_order() -> None:
         "malformed",
         "unknown_member",
         "bad_signature",
+        "inactive_member",
         "wrong_federation",
         "wrong_run",
         "replay",
@@ -764,6 +803,156 @@ def test_public_key_parsing() -> None:
         PublicKey(bytes(31))
 
 
+# ---- weak public keys (docs/PROTOCOL.md section 3.1) ---------------------------------------------
+
+_P = 2**255 - 19
+_D = -121665 * pow(121666, -1, _P) % _P
+_L = 2**252 + 27742317777372353535851937790883648493  # order of the prime subgroup (RFC 8032)
+_IDENTITY = (0, 1)
+
+
+def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """Edwards addition on -x^2 + y^2 = 1 + d x^2 y^2 (affine; complete for Ed25519)."""
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    return ((x1 * y2 + x2 * y1) * pow(1 + t, -1, _P) % _P, (y1 * y2 + x1 * x2) * pow(1 - t, -1, _P) % _P)
+
+
+def _mul(k: int, point: tuple[int, int]) -> tuple[int, int]:
+    out = _IDENTITY
+    while k:
+        if k & 1:
+            out = _add(out, point)
+        point, k = _add(point, point), k >> 1
+    return out
+
+
+def _x_for(y: int) -> int | None:
+    """An x with (x, y) on the curve (RFC 8032, 5.1.3), or None."""
+    x2 = (y * y - 1) * pow(_D * y * y + 1, -1, _P) % _P
+    x = pow(x2, (_P + 3) // 8, _P)
+    if x * x % _P != x2:
+        x = x * pow(2, (_P - 1) // 4, _P) % _P
+    return x if x * x % _P == x2 else None
+
+
+def _encode(point: tuple[int, int]) -> bytes:
+    x, y = point
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _order(point: tuple[int, int]) -> int:
+    return next(k for k in (1, 2, 4, 8) if _mul(k, point) == _IDENTITY)
+
+
+def torsion_points() -> list[tuple[int, int]]:
+    """The 8 points of order dividing 8, derived from scratch: L*Q is in the torsion subgroup for every
+    curve point Q, and generates it when it has order 8; the subgroup is then {k * T : k = 0..7}."""
+    y = 2
+    while True:
+        x = _x_for(y)
+        if x is not None and _order(t := _mul(_L, (x, y))) == 8:
+            return [_mul(k, t) for k in range(8)]
+        y += 1
+
+
+def test_small_order_list_is_the_torsion_subgroup() -> None:
+    points = torsion_points()
+    assert sorted(_order(pt) for pt in points) == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert {_encode(pt) for pt in points} == SMALL_ORDER_KEYS
+    assert _encode(_IDENTITY).hex() == "01" + "00" * 31
+    base = (_x_for(4 * pow(5, -1, _P) % _P), 4 * pow(5, -1, _P) % _P)  # the base point B has y = 4/5
+    assert base[0] is not None and _mul(_L, base) == _IDENTITY  # sanity: the curve arithmetic is right
+
+
+def _non_canonical_small_order() -> list[bytes]:
+    """Encodings of small-order points that are not canonical: y + p for y < 19, and x = -0."""
+    out = []
+    for key in SMALL_ORDER_KEYS:
+        y = int.from_bytes(key, "little") & ((1 << 255) - 1)
+        sign = key[31] & 0x80
+        if y + _P < 1 << 255:
+            raw = bytearray((y + _P).to_bytes(32, "little"))
+            out += [bytes(raw[:31] + bytes([raw[31] | s])) for s in (0, 0x80)]
+        if y in (1, _P - 1) and not sign:  # x = 0: the sign bit set is an invalid "-0"
+            out.append(key[:31] + bytes([key[31] | 0x80]))
+    return sorted(set(out))
+
+
+def test_non_canonical_small_order_encodings() -> None:
+    encodings = {k.hex() for k in _non_canonical_small_order()}
+    assert encodings == {
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p     = 0 (order 4)
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # p + 1 = 1 (identity)
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        "0100000000000000000000000000000000000000000000000000000000000080",  # identity, x = -0
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",  # order 2, x = -0
+    }
+
+
+@pytest.mark.parametrize("raw", sorted(SMALL_ORDER_KEYS), ids=lambda k: k.hex()[:8] + ".." + k.hex()[-2:])
+def test_small_order_keys_are_refused(raw: bytes) -> None:
+    with pytest.raises(WeakKeyError) as info:
+        PublicKey(raw)
+    assert str(info.value) == (
+        f"refused Ed25519 public key {raw.hex()}: small-order point (a signature under it can be forged)"
+    )
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("raw", _non_canonical_small_order(), ids=lambda k: k.hex()[:4] + ".." + k.hex()[-2:])
+def test_non_canonical_encodings_of_small_order_points_are_refused(raw: bytes) -> None:
+    with pytest.raises(WeakKeyError, match=r"non-canonical encoding|small-order point"):
+        PublicKey(raw)
+
+
+@pytest.mark.parametrize("y", [_P, _P + 1, _P + 2, _P + 18, (1 << 255) - 1])
+def test_non_canonical_y_is_refused(y: int) -> None:
+    for sign in (0, 0x80):
+        raw = bytearray(y.to_bytes(32, "little"))
+        raw[31] |= sign
+        with pytest.raises(WeakKeyError, match=r"non-canonical encoding \(y >= 2\^255 - 19\)"):
+            PublicKey(bytes(raw))
+
+
+def test_bytes_that_are_not_a_curve_point_are_refused() -> None:
+    y = next(y for y in range(2, 100) if _x_for(y) is None)
+    with pytest.raises(WeakKeyError, match="not a point on the curve"):
+        PublicKey(y.to_bytes(32, "little"))
+
+
+def test_real_keys_and_the_base_point_are_accepted() -> None:
+    for key in (NODE, COORDINATOR, THIRD, SigningKey.generate()):
+        assert PublicKey(key.public_key.raw) == key.public_key
+    PublicKey(bytes.fromhex("5866666666666666666666666666666666666666666666666666666666666666"))  # B
+
+
+def test_the_identity_key_really_accepts_a_forged_signature() -> None:
+    # Why the refusal matters: the library verifies R = identity, S = 0 on any message under this key.
+    identity = Ed25519PublicKey.from_public_bytes(bytes.fromhex("01" + "00" * 31))
+    identity.verify(bytes.fromhex("01" + "00" * 63), b"weft/update/v1\x00any update")
+    with pytest.raises(WeakKeyError):
+        PublicKey(bytes.fromhex("01" + "00" * 31))
+
+
+def _weak_key_pem(raw: bytes) -> bytes:
+    return Ed25519PublicKey.from_public_bytes(raw).public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [bytes.fromhex("01" + "00" * 31), bytes.fromhex("ed" + "ff" * 30 + "7f"), bytes(32)],
+    ids=["identity", "non-canonical-zero", "order-4"],
+)
+def test_weak_public_key_files_are_refused_naming_the_file(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "weak.pub"
+    path.write_bytes(_weak_key_pem(raw))
+    with pytest.raises(KeyFileError) as info:
+        load_public_key(path)
+    assert str(info.value).startswith(f"{path}: refused Ed25519 public key {raw.hex()}: ")
+
+
 # ---- parameter digest ----------------------------------------------------------------------------
 
 
@@ -926,20 +1115,11 @@ def test_key_files_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
         load_signing_key(ec_path)
 
 
-# ---- manifest ------------------------------------------------------------------------------------
-
-
-def _same(a: Manifest, b: Manifest) -> bool:
-    """Equal as sets of members (the member order of a Manifest object is not significant)."""
-    return (a.federation_id, a.coordinator_key, dict(a.by_id)) == (
-        b.federation_id,
-        b.coordinator_key,
-        dict(b.by_id),
-    )
+# ---- manifest (format and strict parsing; signing, versions and edits: tests/unit/test_manifest.py) ---------
 
 
 def _manifest_doc() -> dict:
-    return json.loads(m1().to_json())
+    return json.loads(m2().to_json())
 
 
 def _load(doc: object) -> Manifest:
@@ -947,23 +1127,25 @@ def _load(doc: object) -> Manifest:
 
 
 def test_manifest_round_trip(tmp_path: Path) -> None:
-    manifest = m1()
-    assert _same(Manifest.from_json(manifest.to_json()), manifest)
+    manifest = m2()
+    assert Manifest.from_json(manifest.to_json()) == manifest
     path = tmp_path / "fed" / "manifest.json"
-    manifest.save(path)
-    loaded = Manifest.load(path)
-    assert _same(loaded, manifest)
-    assert loaded.to_json() == manifest.to_json()
-    assert loaded.get(NODE.member_id) == Member("hospital-a", NODE.public_key, "DE", 5000)
+    assert manifest.save(path) == manifest
+    loaded = Manifest.load(path, coordinator_key=COORDINATOR.public_key)
+    assert loaded == manifest
+    assert path.read_text() == manifest.to_json()
+    assert loaded.get(THIRD.member_id) == Member("clinic-b", THIRD.public_key, "FR", 800, Status.SUSPENDED)
     assert loaded.get(COORDINATOR.member_id) is None
     assert len(loaded) == 2
     assert sorted(loaded.by_id) == sorted([NODE.member_id, THIRD.member_id])
+    assert [m.name for m in loaded.active] == ["hospital-a"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["manifest.json"]  # no temporary file left
 
 
 def test_manifest_accepts_uppercase_keys_and_writes_lowercase() -> None:
     doc = _manifest_doc()
     doc["members"][0]["public_key"] = doc["members"][0]["public_key"].upper()
-    assert _load(doc).to_json() == m1().to_json()
+    assert _load(doc).to_json() == m2().to_json()  # the signature covers the values, not the file's spelling
 
 
 @pytest.mark.parametrize(
@@ -976,25 +1158,52 @@ def test_manifest_accepts_uppercase_keys_and_writes_lowercase() -> None:
             "manifest: members[1]: unknown field(s) ['email']",
         ),
         (lambda d: d.pop("federation_id"), "manifest: missing field(s) ['federation_id']"),
+        (lambda d: d.pop("version"), "manifest: missing field(s) ['version']"),
         (
             lambda d: d["members"][0].pop("jurisdiction"),
             "manifest: members[0]: missing field(s) ['jurisdiction']",
         ),
         (
-            lambda d: d.update(format="weft-manifest/v2"),
-            "manifest: format must be 'weft-manifest/v1', got 'weft-manifest/v2'",
+            lambda d: d["members"][0].pop("status"),
+            "manifest: members[0]: missing field(s) ['status']",
+        ),
+        (
+            lambda d: d.update(format="weft-manifest/v3"),
+            "manifest: format must be 'weft-manifest/v2', got 'weft-manifest/v3'",
         ),
         (lambda d: d.update(members={}), "manifest: members must be a list"),
-        (lambda d: d.update(federation_id=""), "manifest.federation_id must be non-empty text"),
-        (lambda d: d["members"][0].update(name=7), "manifest: members[0].name must be non-empty"),
+        (lambda d: d.update(federation_id=""), "manifest: federation_id: '' is not a valid federation id"),
+        (lambda d: d.update(federation_id="bad id!"), "manifest: federation_id: 'bad id!' is not a valid"),
+        (lambda d: d["members"][0].update(name=7), "manifest: members[0].name: 7 is not a valid name"),
+        (
+            lambda d: d["members"][0].update(jurisdiction=""),
+            "manifest: members[0] 'clinic-b'.jurisdiction: '' is not a valid jurisdiction",
+        ),
+        (
+            lambda d: d["members"][0].update(status="paused"),
+            "manifest: members[0] 'clinic-b'.status: 'paused' is not one of active, suspended, revoked",
+        ),
+        (
+            lambda d: d["members"][1].update(flower_auth_key="ssh-ed25519 AAAA"),
+            "manifest: members[1] 'hospital-a'.flower_auth_key: not an OpenSSH public key",
+        ),
+        (
+            lambda d: d["members"][1].update(flower_auth_key=d["members"][1]["flower_auth_key"] + " comment"),
+            "manifest: members[1] 'hospital-a'.flower_auth_key: must be written as 'TYPE BASE64'",
+        ),
         (
             lambda d: d["coordinator"].update(public_key="00" * 31),
             "manifest: coordinator.public_key: an Ed25519 public key is 32 bytes, got 31",
         ),
         (
             lambda d: d["members"][0].update(public_key=None),
-            "manifest: members[0].public_key:",
+            "manifest: members[0] 'clinic-b'.public_key: must be 64 hex digits",
         ),
+        (lambda d: d.update(version=0), "manifest: version: must be an integer from 1 to 2^53 - 1, got 0"),
+        (lambda d: d.update(version=2**53), "manifest: version: must be an integer from 1 to 2^53 - 1"),
+        (lambda d: d.update(version="2"), "manifest: version: must be an integer from 1 to 2^53 - 1, got '2'"),
+        (lambda d: d.update(signature="00" * 63), "manifest: signature must be 128 hex digits"),
+        (lambda d: d.update(signature="zz" * 64), "manifest: signature must be 128 hex digits"),
     ],
 )
 def test_manifest_refuses_malformed_documents(edit: Callable[[dict], object], message: str) -> None:
@@ -1012,28 +1221,42 @@ def test_manifest_refuses_a_member_id_that_is_not_the_fingerprint() -> None:
     with pytest.raises(ManifestError) as info:
         _load(doc)
     assert str(info.value) == (
-        f"manifest: members[1].member_id '{THIRD.member_id}' is not the fingerprint of its "
+        f"manifest: members[1] 'hospital-a'.member_id '{THIRD.member_id}' is not the fingerprint of its "
         f"public_key (expected {NODE.member_id})"
     )
 
 
-def test_manifest_refuses_the_same_key_twice() -> None:
+def test_manifest_refuses_the_same_key_or_name_twice() -> None:
     doc = _manifest_doc()
     doc["members"].append({**doc["members"][0], "name": "copy"})
     with pytest.raises(ManifestError) as info:
         _load(doc)
-    assert str(info.value) == "members: the same public key appears twice"
+    assert str(info.value) == "manifest: members: the same public key appears twice"
     with pytest.raises(ManifestError, match="the same public key appears twice"):
-        Manifest("f", COORDINATOR.public_key, (m1().members[0], m1().members[0]))
+        Manifest("f", COORDINATOR.public_key, (m2().members[0], m2().members[0]))
+    with pytest.raises(ManifestError, match=r"^members: name 'a' is used by two members$"):
+        Manifest(
+            "f", COORDINATOR.public_key, (Member("a", NODE.public_key, "DE", 1), Member("a", THIRD.public_key, "FR", 1))
+        )
+    with pytest.raises(ManifestError, match=r"^members: member 'c' uses the coordinator key$"):
+        Manifest("f", COORDINATOR.public_key, (Member("c", COORDINATOR.public_key, "DE", 1),))
 
 
-@pytest.mark.parametrize("value", [0, -1, True, False, 5.0, "5", None])
+@pytest.mark.parametrize("value", [0, -1, True, False, 5.0, "5", None, 2**53])
 def test_manifest_refuses_bad_max_examples(value: object) -> None:
     doc = _manifest_doc()
     doc["members"][0]["max_examples"] = value
     with pytest.raises(ManifestError) as info:
         _load(doc)
-    assert str(info.value) == "manifest: members[0].max_examples must be a positive integer"
+    assert str(info.value) == (
+        f"manifest: members[0] 'clinic-b'.max_examples: must be an integer from 1 to 2^53 - 1, got {value!r}"
+    )
+
+
+def test_manifest_refuses_nan_and_infinity_literals() -> None:
+    text = m2().to_json().replace('"max_examples": 800', '"max_examples": NaN')
+    with pytest.raises(ManifestError, match="NaN is not a JSON value"):
+        Manifest.from_json(text)
 
 
 def test_manifest_file_errors_name_the_file(tmp_path: Path) -> None:
@@ -1049,8 +1272,8 @@ def test_manifest_file_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_manifest_refuses_duplicate_json_keys() -> None:
-    text = m1().to_json().replace('"format"', '"federation_id": "other",\n  "format"', 1)
-    with pytest.raises(ManifestError):
+    text = m2().to_json().replace('"format"', '"federation_id": "other",\n  "format"', 1)
+    with pytest.raises(ManifestError, match="repeated field"):
         Manifest.from_json(text)
 
 

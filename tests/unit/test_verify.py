@@ -27,6 +27,7 @@ from protocols import (
     Member,
     RejectReason,
     SigningKey,
+    Status,
     UpdateEnvelope,
     params_digest,
     sign_update,
@@ -229,6 +230,35 @@ def test_bad_signature_envelope_changed_after_signing() -> None:
     forged = envelope(update_arrays(), num_examples=41).encode()
     record = {wire.ENVELOPE: forged, wire.SIGNATURE: signed.signature}
     assert rejected(with_update_record(record)).reason is RejectReason.BAD_SIGNATURE
+
+
+@pytest.mark.parametrize("status", [Status.SUSPENDED, Status.REVOKED])
+def test_inactive_member(status: Status) -> None:
+    manifest = MANIFEST.with_status(MEMBER.member_id, status)  # version 2
+    expect = Expectation(FEDERATION, RUN, ROUND, BASE, structure(GLOBAL), manifest)
+    out = rejected(reply(), expect)  # a validly signed, otherwise perfect update
+    assert out.reason is RejectReason.INACTIVE_MEMBER
+    assert out.member_id == MEMBER.member_id
+    assert out.detail == f"member 'hospital-a' is {status.value} in manifest version 2"
+    assert out.to_json()["reason"] == "inactive_member"
+    assert expect.seen == set()
+    assert isinstance(verify_reply(reply(key=OTHER_MEMBER), expect), Accepted)  # the active member still counts
+
+
+def test_inactive_member_is_named_only_after_its_signature_verified() -> None:
+    manifest = MANIFEST.with_status(MEMBER.member_id, Status.SUSPENDED)
+    expect = Expectation(FEDERATION, RUN, ROUND, BASE, structure(GLOBAL), manifest)
+    forged = with_update_record(signed_record(envelope(update_arrays()), OUTSIDER))  # claims to be MEMBER
+    assert rejected(forged, expect).reason is RejectReason.BAD_SIGNATURE
+    # and it comes before every binding check: a suspended member's replay is inactive, not a replay
+    assert rejected(reply(round=ROUND - 1), expect).reason is RejectReason.INACTIVE_MEMBER
+
+
+def test_reinstated_member_is_accepted_again() -> None:
+    manifest = MANIFEST.with_status(MEMBER.member_id, Status.SUSPENDED).with_status(MEMBER.member_id, Status.ACTIVE)
+    expect = Expectation(FEDERATION, RUN, ROUND, BASE, structure(GLOBAL), manifest)
+    assert manifest.version == 3
+    assert isinstance(verify_reply(reply(), expect), Accepted)
 
 
 def test_wrong_federation() -> None:
