@@ -38,6 +38,7 @@ the operator's app folder declares all of them with "" (not set). Write that fol
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import re
 import sys
 from dataclasses import fields
@@ -71,6 +72,8 @@ from federation.tasks import (
 from node import NodeRuntime, make_client_app, pick_device
 from protocols import Manifest, load_public_key, load_signing_key
 
+log = logging.getLogger("weft.node")
+
 
 def resolve_node(context: Context) -> NodeRuntime:
     """NodeRuntime from the SuperNode's node_config (built once per process)."""
@@ -88,9 +91,15 @@ def _node_runtime(s: NodeSettings) -> NodeRuntime:
         device = pick_device(s.device)
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"node config: device: {exc}") from exc
+    identity = load_signing_key(s.key)
+    log.info(
+        "node %s of federation %s (jurisdiction %s): task %s, %s training and %s validation examples on %s",
+        identity.member_id, s.federation_id, s.jurisdiction or "not stated", task.name,
+        _size(data.train), _size(data.val), device,
+    )  # fmt: skip
     return build_node(
         task,
-        identity=load_signing_key(s.key),
+        identity=identity,
         coordinator_key=load_public_key(s.coordinator_key),
         federation_id=s.federation_id,
         train=data.train,
@@ -100,6 +109,14 @@ def _node_runtime(s: NodeSettings) -> NodeRuntime:
         seed=s.seed,
         personalize_epochs=s.personalize_epochs,
     )
+
+
+def _size(data: object) -> str:
+    """The number of examples, when the dataset knows it (an iterable one may not)."""
+    try:
+        return str(len(data))  # type: ignore[arg-type]
+    except TypeError:
+        return "an unknown number of"
 
 
 def _local_data(task: Task, data_dir: Path) -> LocalData:

@@ -349,6 +349,9 @@ def _parser() -> argparse.ArgumentParser:
     mshow.add_argument("manifest", help="path of a manifest")
     mshow.add_argument("--coordinator-key", help="the trusted coordinator public key (.pub) it must be signed by")
     mshow.set_defaults(func=_manifest_show)
+    from federation.deploy import register as register_deploy  # torch- and flwr-free until a command runs
+
+    register_deploy(sub)
     return parser
 
 

@@ -233,6 +233,8 @@ class NodeSettings:
     """Node-local seed mixed into the round's shuffling seed."""
     device: str = "auto"
     """auto, cpu or cuda[:N]."""
+    jurisdiction: str = ""
+    """Where this node's data lives (e.g. DE), as the manifest records it; logged at start-up."""
 
     def __post_init__(self) -> None:
         _require(self.personalize_epochs >= 0, "personalize-epochs", "must be >= 0")

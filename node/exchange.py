@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from node.wireform import from_wire, to_wire, wire_keys
 from protocols import ConfigValue, params_digest
 
 EXCHANGES = ("all", "lora", "subset")
@@ -56,28 +57,17 @@ class ExchangeSpec:
 
     def to_config(self) -> dict[str, ConfigValue]:
         """Wire form (kebab-case keys)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return to_wire(self)
 
     @classmethod
     def keys(cls) -> frozenset[str]:
         """The wire keys this spec reads."""
-        return frozenset(f.name.replace("_", "-") for f in fields(cls))
+        return wire_keys(cls)
 
     @classmethod
     def from_config(cls, config: Mapping[str, ConfigValue]) -> ExchangeSpec:
         """Parse the wire form (only this spec's keys are read); mistyped values raise ValueError."""
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in config:
-                continue
-            value, want = config[key], type(getattr(cls(), f.name))
-            if isinstance(value, bool) or not isinstance(value, int | float | str):
-                raise ValueError(f"{key} must be a {want.__name__}, got {value!r}")
-            if (want is str) != isinstance(value, str) or (want is int and not isinstance(value, int)):
-                raise ValueError(f"{key} must be a {want.__name__}, got {value!r}")
-            kwargs[f.name] = want(value)
-        return cls(**kwargs)
+        return from_wire(cls, config)
 
 
 def build_model(make_model: Callable[[], nn.Module], spec: ExchangeSpec, subset: Selector | None = None) -> nn.Module:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from node.recipe import CLASSIFICATION, Recipe, StepContext
+from node.wireform import from_wire, to_wire, wire_keys
 from protocols import ConfigValue
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -68,12 +69,12 @@ class TrainConfig:
 
     def to_config(self) -> dict[str, ConfigValue]:
         """Wire form (kebab-case keys)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        return to_wire(self)
 
     @classmethod
     def keys(cls) -> frozenset[str]:
         """The wire keys this config reads."""
-        return frozenset(f.name.replace("_", "-") for f in fields(cls))
+        return wire_keys(cls)
 
     @classmethod
     def from_config(cls, config: Mapping[str, ConfigValue]) -> TrainConfig:
@@ -81,19 +82,7 @@ class TrainConfig:
         unknown = set(config) - cls.keys()
         if unknown:
             raise ValueError(f"unknown training instruction(s): {sorted(unknown)}")
-        kinds = {f.name: type(getattr(cls(), f.name)) for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in config.items():
-            name = key.replace("-", "_")
-            want = kinds[name]
-            if want is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{key} must be an integer, got {value!r}")
-            if want is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise ValueError(f"{key} must be a number, got {value!r}")
-            if want is str and not isinstance(value, str):
-                raise ValueError(f"{key} must be text, got {value!r}")
-            kwargs[name] = want(value)
-        return cls(**kwargs)
+        return from_wire(cls, config)
 
 
 def _check(ok: bool, problem: str) -> None:

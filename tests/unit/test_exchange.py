@@ -82,14 +82,14 @@ def test_exchange_spec_round_trips_and_ignores_other_keys() -> None:
     ("config", "message"),
     [
         ({"exchange": "qlora"}, "exchange must be one of all, lora, subset, got 'qlora'"),
-        ({"exchange": 1}, "exchange must be a str, got 1"),
-        ({"lora-rank": 2.0}, "lora-rank must be a int, got 2.0"),
-        ({"lora-rank": True}, "lora-rank must be a int, got True"),
+        ({"exchange": 1}, "exchange must be text, got 1"),
+        ({"lora-rank": 2.0}, "lora-rank must be an integer, got 2.0"),
+        ({"lora-rank": True}, "lora-rank must be an integer, got True"),
         ({"lora-rank": 0}, "lora-rank must be >= 1"),
-        ({"lora-alpha": "16"}, "lora-alpha must be a float, got '16'"),
+        ({"lora-alpha": "16"}, "lora-alpha must be a number, got '16'"),
         ({"lora-alpha": 0.0}, "lora-alpha must be > 0"),
         ({"lora-dropout": 1.0}, r"lora-dropout must be in \[0, 1\)"),
-        ({"lora-targets": 5}, "lora-targets must be a str, got 5"),
+        ({"lora-targets": 5}, "lora-targets must be text, got 5"),
     ],
 )
 def test_exchange_spec_errors_name_the_key(config: dict, message: str) -> None:

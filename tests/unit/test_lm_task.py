@@ -183,7 +183,7 @@ def test_load_task_lm(task: Task) -> None:
     assert task.recipe.maximize is False
     assert task.recipe.metric_names() == {"loss", "perplexity", "bits_per_byte"}
     run = resolve_run_config({}, task.defaults, "test")
-    assert (run.optimizer, run.batch_size, run.max_steps, run.rounds) == ("adamw", 16, 30, 10)
+    assert (run.optimizer, run.batch_size, run.max_steps, run.rounds) == ("adamw", 8, 60, 10)
 
 
 def test_builtin_model_is_deterministic_and_leaves_the_rng_alone(task: Task) -> None:
