@@ -11,13 +11,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any
 
 from federation.config import RunConfig, SimulationConfig, parse_adversaries
 from federation.errors import ConfigError, TaskError
+from federation.flags import add_flags, given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +55,7 @@ def _simulate(args: argparse.Namespace) -> int:
     # fail on a bad task path before Ray starts; the task's preferred settings sit under the user's flags
     task, run = resolve_run(explicit, source="")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
-    sim = _given(args, SimulationConfig, "sim_")
+    sim = given(args, SimulationConfig, "sim_")
     if args.iid:
         sim["partition"] = "iid"
     if sim.get("partition") == "iid":
@@ -80,7 +79,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _explicit_run_values(args: argparse.Namespace) -> dict[str, Any]:
     """The RunConfig values the user gave as flags (kebab-case keys); the rest come from the task or weft."""
-    return {name.replace("_", "-"): value for name, value in _given(args, RunConfig, "run_").items()}
+    return {name.replace("_", "-"): value for name, value in given(args, RunConfig, "run_").items()}
 
 
 # ---- keys and models ------------------------------------------------------------------------------------
@@ -228,32 +227,6 @@ SIM_FLAGS = ("nodes", "partition", "alpha", "personalize_epochs", "federation_id
 """SimulationConfig fields that are plain flags (adversaries and out_dir have their own syntax)."""
 
 
-def _add_flags(group: argparse._ArgumentGroup, cls: type[Any], names: Iterable[str], prefix: str) -> None:
-    """One flag per field of `cls`: typed, documented and defaulted from the field itself (nothing repeated here).
-
-    Every flag's value is None unless the user gave it, so the field's (or the task's) default applies.
-    A boolean field that defaults to True gets a `--no-NAME` flag instead.
-    """
-    by_name, hints, defaults = {f.name: f for f in fields(cls)}, get_type_hints(cls), cls()
-    for name in names:
-        f, default = by_name[name], getattr(defaults, name)
-        kind = next((t for t in get_args(hints[name]) if t is not type(None)), hints[name])
-        flag, help_ = "--" + name.replace("_", "-"), f"{f.metadata.get('help', '')} (default: {default!r})"
-        if kind is bool:
-            negate = default is True  # a flag turns it off
-            group.add_argument("--no-" + flag[2:] if negate else flag, *FLAG_ALIASES.get(name, []),
-                               dest=f"{prefix}{name}", default=None, action="store_const", const=not negate,
-                               help=f"do not {help_}" if negate else help_)  # fmt: skip
-            continue
-        group.add_argument(flag, *FLAG_ALIASES.get(name, []), dest=f"{prefix}{name}", type=kind, default=None,
-                           metavar=kind.__name__.upper(), help=help_)  # fmt: skip
-
-
-def _given(args: argparse.Namespace, cls: type[Any], prefix: str) -> dict[str, Any]:
-    """The fields of `cls` the user gave as flags, by field name."""
-    return {f.name: v for f in fields(cls) if (v := getattr(args, f"{prefix}{f.name}", None)) is not None}
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weft", description="Consortium training with signed contributions.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -264,10 +237,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Every run setting below is a field of the typed run config (federation/config.py). "
         "Unset flags take the task's preferred value (e.g. digits prefers Adam), else weft's default.",
     )
-    _add_flags(sim.add_argument_group("run settings (federation.config.RunConfig)"), RunConfig,
-               [f.name for f in fields(RunConfig)], "run_")  # fmt: skip
-    _add_flags(sim.add_argument_group("simulation (federation.config.SimulationConfig)"), SimulationConfig,
-               SIM_FLAGS, "sim_")  # fmt: skip
+    add_flags(sim.add_argument_group("run settings (federation.config.RunConfig)"), RunConfig,
+              prefix="run_", aliases=FLAG_ALIASES)  # fmt: skip
+    add_flags(sim.add_argument_group("simulation (federation.config.SimulationConfig)"), SimulationConfig,
+              SIM_FLAGS, prefix="sim_", aliases=FLAG_ALIASES)  # fmt: skip
     sim.add_argument("--iid", action="store_true", help="same as --partition iid")
     sim.add_argument(
         "--adversary",

@@ -26,11 +26,11 @@ import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
-from types import UnionType
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar
 
 from federation.deploy_coordinator import CoordinatorStart, start_coordinator, status_lines
 from federation.deploy_node import NodeStart, approve_cmd, start_node
+from federation.flags import add_flags, flag, given
 
 _S = TypeVar("_S", CoordinatorStart, NodeStart)
 
@@ -74,40 +74,14 @@ HELP: dict[str, str] = {
 # ---- settings <-> flags ------------------------------------------------------------------------------------------
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _kind(hint: Any) -> tuple[Any, bool]:
-    """(element type, repeatable) of a settings field's type hint (`X | None` -> X; `tuple[X, ...]` repeats X)."""
-    if get_origin(hint) in (Union, UnionType):
-        hint = next(t for t in get_args(hint) if t is not type(None))
-    if get_origin(hint) is tuple:
-        return get_args(hint)[0], True
-    return hint, False
-
-
 def add_settings_flags(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """One flag per field of `cls`: typed, required when the field has no default, repeatable for tuples."""
-    hints = get_type_hints(cls)
-    for f in fields(cls):
-        kind, repeat = _kind(hints[f.name])
-        required = f.default is MISSING and f.default_factory is MISSING
-        default = None if required else f.default
-        help_ = HELP.get(f.name, "") + ("" if required or repeat or default is None else f" (default: {default})")
-        metavar = "KEY=VALUE" if f.name == "run_config" else ("HASH" if f.name == "approve" else None)
-        parser.add_argument(_flag(f.name), dest=f.name, type=kind, required=required, help=help_, metavar=metavar,
-                            action="append" if repeat else "store", default=None)  # fmt: skip
+    """One flag per field of `cls` (federation/flags.py), with this module's help texts."""
+    add_flags(parser, cls, help_texts=HELP, metavars={"run_config": "KEY=VALUE", "approve": "HASH"})
 
 
 def settings_from_args(cls: type[_S], args: argparse.Namespace) -> _S:
     """The settings the parsed flags give (a flag not given takes the field's default)."""
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        value = getattr(args, f.name)
-        if value is not None:
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    return cls(**values)
+    return cls(**given(args, cls))
 
 
 def settings_argv(settings: CoordinatorStart | NodeStart) -> list[str]:
@@ -118,7 +92,7 @@ def settings_argv(settings: CoordinatorStart | NodeStart) -> list[str]:
         if f.default is not MISSING and value == f.default:
             continue
         for item in value if isinstance(value, tuple) else (value,):
-            argv += [_flag(f.name), str(item)]
+            argv += [flag(f.name), str(item)]
     return argv
 
 
