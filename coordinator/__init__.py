@@ -15,6 +15,7 @@ from coordinator.runtime import (
     Observer,
     RoundReport,
 )
+from coordinator.server_opt import OuterNesterov, Plain, ServerOptimizer
 from coordinator.spool import UpdateSpool
 from coordinator.verify import Accepted, Expectation, Rejected, verify_reply
 
@@ -30,11 +31,14 @@ __all__ = [
     "NotEnoughNodes",
     "NullObserver",
     "Observer",
+    "OuterNesterov",
+    "Plain",
     "QuorumNotReached",
     "Rejected",
     "RoundReport",
     "RunRecord",
     "RunResult",
+    "ServerOptimizer",
     "UpdateSpool",
     "make_server_app",
     "run_federation",

@@ -96,7 +96,9 @@ def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
             raise QuorumNotReached(error)
 
         # ---- aggregate in canonical order, sign the new global model ----------------------------
-        global_arrays, accepted = _fold(rt.aggregator, template, spool)
+        aggregate, accepted = _fold(rt.aggregator, template, spool)
+        global_arrays = rt.server_optimizer.step(global_arrays, aggregate)
+        del aggregate
         signed = _sign(rt, rnd, global_arrays)
         record.checkpoint(rnd, global_arrays, signed)
 

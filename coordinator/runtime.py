@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from coordinator.aggregate import Aggregator, FedAvg
+from coordinator.server_opt import Plain, ServerOptimizer
 from coordinator.verify import Accepted, Rejected
 from protocols import ID_PATTERN, ConfigValue, Manifest, SigningKey
 
@@ -146,6 +147,8 @@ class CoordinatorRuntime:
     central_eval_data: str = ""
     """One line describing the held-out data `central_eval` uses (goes into summary.json)."""
     aggregator: Aggregator = field(default_factory=FedAvg)
+    server_optimizer: ServerOptimizer = field(default_factory=Plain)
+    """How each round's aggregate moves the global model (plain FedAvg, or DiLoCo's outer Nesterov step)."""
     observer: Observer = field(default_factory=NullObserver)
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ def _field(default: Any, help: str) -> Any:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+SERVER_OPTIMIZERS = ("fedavg", "nesterov")
 PARTITIONS = ("auto", "iid", "dirichlet", "natural")
 """auto: dirichlet when the task's pool has class labels, else natural when it has owner keys, else iid."""
 
@@ -70,6 +71,11 @@ class RunConfig:
     lora_alpha: float = _field(16.0, "LoRA alpha")
     lora_dropout: float = _field(0.0, "LoRA dropout")
     lora_targets: str = _field("", "comma-separated module names for LoRA (empty: peft's default)")
+    server_optimizer: str = _field(
+        "fedavg", "how the aggregate moves the global model: fedavg, or nesterov (DiLoCo's outer step)"
+    )
+    server_learning_rate: float = _field(0.7, "outer learning rate of the nesterov server optimizer")
+    server_momentum: float = _field(0.9, "outer Nesterov momentum of the nesterov server optimizer")
     seed: int = _field(0, "seed of model init, data split and shuffling")
     quorum: float = _field(0.5, "fraction of manifest members whose accepted updates a round needs")
     round_timeout_s: float = _field(600.0, "how long a round waits for replies (s)")
@@ -95,6 +101,11 @@ class RunConfig:
         _require(self.lora_rank >= 1, "lora-rank", "must be >= 1")
         _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora-alpha", "must be > 0")
         _require(0 <= self.lora_dropout < 1, "lora-dropout", "must be in [0, 1)")
+        _require(self.server_optimizer in SERVER_OPTIMIZERS, "server-optimizer",
+                 f"must be one of {', '.join(SERVER_OPTIMIZERS)}")  # fmt: skip
+        _require(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
+                 "server-learning-rate", "must be > 0")  # fmt: skip
+        _require(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
         _require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
         _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         _require(self.round_timeout_s > 0, "round-timeout-s", "must be > 0")

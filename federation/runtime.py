@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from coordinator import CoordinatorRuntime, CoordinatorSettings, NullObserver, Observer
+from coordinator import (
+    CoordinatorRuntime,
+    CoordinatorSettings,
+    NullObserver,
+    Observer,
+    OuterNesterov,
+    Plain,
+    ServerOptimizer,
+)
 from federation.config import ConfigError, RunConfig, resolve_run_config
 from federation.errors import TaskError
 from federation.evaluation import CentralEvaluator
@@ -56,6 +64,13 @@ def instructions(run: RunConfig, spec: ExchangeSpec, frozen: str) -> Callable[[i
         return {**run.train_config(round_), **spec.to_config(), wire.FROZEN_DIGEST: frozen}
 
     return of_round
+
+
+def server_optimizer(run: RunConfig) -> ServerOptimizer:
+    """The run's server optimizer (coordinator/server_opt.py)."""
+    if run.server_optimizer == "nesterov":
+        return OuterNesterov(run.server_learning_rate, run.server_momentum)
+    return Plain()
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,7 @@ def build_coordinator(task: Task, run: RunConfig, plan: RunPlan) -> CoordinatorR
         manifest=plan.manifest,
         initial_arrays=start.arrays(),
         central_eval=CentralEvaluator(task, spec, held_out.test) if held_out is not None else None,
+        server_optimizer=server_optimizer(run),
         central_eval_data=held_out.description if held_out is not None else "",
         observer=plan.observer or NullObserver(),
     )
