@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from node.wireform import from_wire, to_wire, wire_keys
+from node.wireform import WireForm, from_wire
 from protocols import ConfigValue, params_digest
 
 EXCHANGES = ("all", "lora", "subset")
@@ -31,7 +31,7 @@ Selector = Callable[[str], bool]
 
 
 @dataclass(frozen=True)
-class ExchangeSpec:
+class ExchangeSpec(WireForm):
     """How the model that trains and travels is built from the task's model (signed per run)."""
 
     exchange: str = "all"
@@ -54,15 +54,6 @@ class ExchangeSpec:
             raise ValueError("lora-alpha must be > 0")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError("lora-dropout must be in [0, 1)")
-
-    def to_config(self) -> dict[str, ConfigValue]:
-        """Wire form (kebab-case keys)."""
-        return to_wire(self)
-
-    @classmethod
-    def keys(cls) -> frozenset[str]:
-        """The wire keys this spec reads."""
-        return wire_keys(cls)
 
     @classmethod
     def from_config(cls, config: Mapping[str, ConfigValue]) -> ExchangeSpec:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from node.recipe import CLASSIFICATION, Recipe, StepContext
-from node.wireform import from_wire, to_wire, wire_keys
+from node.wireform import WireForm, from_wire
 from protocols import ConfigValue
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -29,7 +29,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(WireForm):
     """What the coordinator asks a node to do in one round (carried in the signed global envelope)."""
 
     local_epochs: int = 1
@@ -66,15 +66,6 @@ class TrainConfig:
         _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad-clip must be >= 0")
         _check(self.batch_size >= 1, "batch-size must be >= 1")
         _check(0 <= self.seed < 2**63, "seed must be a non-negative integer")
-
-    def to_config(self) -> dict[str, ConfigValue]:
-        """Wire form (kebab-case keys)."""
-        return to_wire(self)
-
-    @classmethod
-    def keys(cls) -> frozenset[str]:
-        """The wire keys this config reads."""
-        return wire_keys(cls)
 
     @classmethod
     def from_config(cls, config: Mapping[str, ConfigValue]) -> TrainConfig:

@@ -16,6 +16,19 @@ from protocols import ConfigValue
 _T = TypeVar("_T")
 
 
+class WireForm:
+    """Mixin for a frozen dataclass of instructions: its wire map and its wire keys."""
+
+    def to_config(self) -> dict[str, ConfigValue]:
+        """Wire form (kebab-case keys)."""
+        return to_wire(self)
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        """The wire keys this dataclass reads."""
+        return wire_keys(cls)
+
+
 def to_wire(obj: Any) -> dict[str, ConfigValue]:
     """`{kebab-case field name: value}` of a dataclass instance."""
     return {f.name.replace("_", "-"): getattr(obj, f.name) for f in fields(obj)}
