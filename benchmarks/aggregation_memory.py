@@ -5,7 +5,7 @@ Both sides pull the same N signed replies from a Grid that builds each reply onl
 
 - Flower baseline: `Grid.send_and_receive` gathers every reply, then FedAvg's
   `strategy_utils.aggregate_arrayrecords` averages them: all N replies are in memory together.
-- weft: the real round-loop steps (`coordinator.rounds._gather_updates` then `_fold`): each reply is
+- weft: the real round-loop steps (verify each pulled reply, store it, then `aggregate_round`): each reply is
   verified (signature, binding, digest, structure), spooled to disk and dropped; the aggregate is then
   folded from the spool one update at a time.
 
@@ -103,12 +103,15 @@ def baseline(nodes: int, params: int) -> None:
 
 
 def weft(nodes: int, params: int) -> None:
-    from coordinator.aggregate import FedAvg
-    from coordinator.rounds import _fold, _gather_updates
-    from coordinator.runtime import NullObserver
+    """The coordinator's path: verify each reply as it is pulled, store it, then aggregate_round from disk."""
+    import gc
+
+    from coordinator.messaging import collect
     from coordinator.spool import UpdateSpool
-    from coordinator.verify import Expectation
+    from coordinator.verify import Accepted, Expectation, verify_reply
     from protocols import Manifest, Member, SigningKey, params_digest, structure
+    from protocols.aggregation import FedAvg, aggregate_round
+    from protocols.policy import ContributionPolicy
 
     grid, messages, global_arrays = _setup(nodes, params)
     members = tuple(Member(f"n{nid}", key.public_key, "XX", 10**6) for nid, key in grid.keys.items())
@@ -118,9 +121,15 @@ def weft(nodes: int, params: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         spool = UpdateSpool(Path(tmp))
-        _, _, accepted = _gather_updates(grid, messages, expect, spool, NullObserver(), timeout_s=600)  # type: ignore[arg-type]
-        assert len(accepted) == nodes, "every benchmark update must verify"
-        _fold(FedAvg(), template, spool)
+        for reply in collect(grid, messages, timeout_s=600):  # type: ignore[arg-type]
+            ok = verify_reply(reply, expect)
+            assert isinstance(ok, Accepted), "every benchmark update must verify"
+            env = ok.envelope
+            spool.put(ok.member_id, env.update_digest, env.num_examples, ok.arrays, ok.signed)
+            del reply, ok
+            gc.collect(0)
+        assert len(spool) == nodes
+        aggregate_round(template, global_arrays, spool.inputs(), ContributionPolicy(), FedAvg())
 
 
 def _measure(case: str, nodes: int, params: int) -> dict[str, float]:

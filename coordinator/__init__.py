@@ -1,12 +1,13 @@
 """Runs at the operator: the Flower ServerApp, verification, aggregation, signing, the record.
 
-Never imports `node`; the two meet only in `protocols`.
+Never imports `node`; the two meet only in `protocols`. The arithmetic of aggregation, the contribution
+policy and the server optimizers lives in `protocols` (aggregation, robust, policy, server_opt), because
+`weft audit verify` recomputes it without flwr or torch.
 """
 
-from coordinator.aggregate import Aggregator, FedAvg
 from coordinator.app import make_server_app
-from coordinator.record import FINAL_MODEL, RunRecord
-from coordinator.rounds import NotEnoughNodes, QuorumNotReached, RunResult, run_federation
+from coordinator.record import FINAL_MODEL, RecordError, RunRecord, mark_interrupted, run_status
+from coordinator.rounds import Coordinator, NotEnoughNodes, QuorumNotReached, RunResult, RunState, run_federation
 from coordinator.runtime import (
     CentralEval,
     CoordinatorRuntime,
@@ -15,15 +16,16 @@ from coordinator.runtime import (
     Observer,
     RoundReport,
 )
-from coordinator.server_opt import OuterNesterov, Plain, ServerOptimizer
 from coordinator.spool import UpdateSpool
 from coordinator.verify import Accepted, Expectation, Rejected, verify_reply
+from protocols.aggregation import FedAvg, Rule
+from protocols.server_opt import OuterNesterov, Plain, ServerOptimizer
 
 __all__ = [
     "FINAL_MODEL",
     "Accepted",
-    "Aggregator",
     "CentralEval",
+    "Coordinator",
     "CoordinatorRuntime",
     "CoordinatorSettings",
     "Expectation",
@@ -34,13 +36,18 @@ __all__ = [
     "OuterNesterov",
     "Plain",
     "QuorumNotReached",
+    "RecordError",
     "Rejected",
     "RoundReport",
+    "Rule",
     "RunRecord",
     "RunResult",
+    "RunState",
     "ServerOptimizer",
     "UpdateSpool",
     "make_server_app",
+    "mark_interrupted",
     "run_federation",
+    "run_status",
     "verify_reply",
 ]

@@ -14,13 +14,23 @@ from coordinator.runtime import CoordinatorRuntime
 def make_server_app(
     resolve: Callable[[Context], CoordinatorRuntime],
     on_result: Callable[[RunResult], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs `run_federation` on the runtime `resolve` returns."""
+    """A ServerApp that runs `run_federation` on the runtime `resolve` returns.
+
+    `on_result` receives the outcome; `on_error` the exception that ended the run (an in-process caller,
+    the simulation, re-raises it as it was instead of Flower's generic "ServerApp failed").
+    """
     app = ServerApp()
 
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
-        result = run_federation(grid, resolve(context))
+        try:
+            result = run_federation(grid, resolve(context))
+        except BaseException as exc:
+            if on_error is not None:
+                on_error(exc)
+            raise
         if on_result is not None:
             on_result(result)
 

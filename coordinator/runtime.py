@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from protocols.policy import ContributionPolicy
 
-from coordinator.aggregate import Aggregator, FedAvg
-from coordinator.server_opt import Plain, ServerOptimizer
 from coordinator.verify import Accepted, Rejected
 from protocols import ID_PATTERN, ConfigValue, Manifest, SigningKey
+from protocols.aggregation import FedAvg, Rule
+from protocols.server_opt import Plain, ServerOptimizer
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class CoordinatorSettings:
     """How long the run waits for enough nodes to connect before round 1."""
     federated_evaluation: bool = True
     """Also ask every node to evaluate each new global model on its local validation split."""
+    resume: bool = False
+    """Continue the run recorded in `out_dir` from its last committed round instead of starting one."""
+    store_updates: bool = True
+    """Keep every accepted update in the record (so `weft audit verify` can recompute each aggregate)."""
 
     def __post_init__(self) -> None:
         if not ID_PATTERN.fullmatch(self.run_id) or not ID_PATTERN.fullmatch(self.federation_id):
@@ -146,7 +151,10 @@ class CoordinatorRuntime:
     central_eval: CentralEval | None = None
     central_eval_data: str = ""
     """One line describing the held-out data `central_eval` uses (goes into summary.json)."""
-    aggregator: Aggregator = field(default_factory=FedAvg)
+    rule: Rule = field(default_factory=FedAvg)
+    """How accepted updates are combined (FedAvg, or a robust rule from protocols.robust)."""
+    policy: ContributionPolicy = field(default_factory=ContributionPolicy)
+    """How much each contribution counts: weighting, quality floor, anti-capture cap, norm bound."""
     server_optimizer: ServerOptimizer = field(default_factory=Plain)
     """How each round's aggregate moves the global model (plain FedAvg, or DiLoCo's outer Nesterov step)."""
     observer: Observer = field(default_factory=NullObserver)
@@ -159,3 +167,5 @@ class CoordinatorRuntime:
             )
         if self.manifest.coordinator_key != self.identity.public_key:
             raise ValueError("the coordinator key does not match the manifest's coordinator public_key")
+        if (self.policy.weighting == "quality" or self.policy.quality_floor is not None) and not self.central_eval:
+            raise ValueError("a quality policy needs held-out data at the coordinator to score each update")

@@ -27,6 +27,7 @@ from protocols import (
     structure,
     wire,
 )
+from protocols.text import printable
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A reply that was not aggregated, and why."""
+    """A reply that was not aggregated, and why (`detail` is bounded and escaped: it may quote a node's text)."""
 
     node_id: int
     reason: RejectReason
@@ -84,9 +85,9 @@ def verify_reply(msg: Message, expect: Expectation) -> Accepted | Rejected:
     try:
         accepted = _verify(msg, expect, node_id)
     except _Reject as rej:
-        return Rejected(node_id, rej.reason, rej.detail, rej.member_id)
+        return Rejected(node_id, rej.reason, printable(rej.detail), rej.member_id)
     except Exception as exc:  # untrusted input must never stop the round: whatever slipped past is malformed
-        return Rejected(node_id, RejectReason.MALFORMED, f"unverifiable reply: {type(exc).__name__}: {exc}")
+        return Rejected(node_id, RejectReason.MALFORMED, printable(f"unverifiable reply: {type(exc).__name__}: {exc}"))
     expect.seen.add(accepted.member_id)
     return accepted
 

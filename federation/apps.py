@@ -30,6 +30,8 @@ Run config (at the operator, `flwr run <app> <connection> --run-config "..."`): 
                           final model locally (for its own `personalize-epochs`) and report before/after
     federated-evaluation  optional (default true): ask every node to evaluate each new global model on
                           its own validation split (only declared metrics come back)
+    resume                optional (default false): continue the run recorded in out-dir from its last
+                          committed round (`weft coordinator start --resume`; the run keeps its ledger's run id)
 The SuperLink refuses `--run-config` keys that the app's [tool.flwr.app.config] does not declare, so
 the operator's app folder declares all of them with "" (not set). Write that folder with
 `python -m federation.apps FOLDER` (`write_app`; docs/DEPLOY.md).
@@ -153,6 +155,7 @@ def resolve_coordinator(context: Context) -> CoordinatorRuntime:
         record={"personalize": dep.personalize, "federated-evaluation": dep.federated_evaluation},
         federated_evaluation=dep.federated_evaluation,
         personalize=dep.personalize,
+        resume=dep.resume,
     )
     try:
         return build_coordinator(task, run, plan)

@@ -17,6 +17,7 @@ from typing import Any
 from federation.config import RunConfig, SimulationConfig, parse_adversaries
 from federation.errors import ConfigError, TaskError
 from federation.flags import add_flags, given
+from federation.preflight import check_gpus, check_ray_address, check_writable_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,22 +28,52 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ConfigError, TaskError, FileExistsError) as exc:
-        print(f"weft: error: {exc}", file=sys.stderr)
+        print(f"weft: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        # a user's file or folder the command was pointed at; other OSErrors are not assumed to be the user's
+        print(f"weft: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(
+            f"weft: error: a file given is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "check the paths passed to this command",
+            file=sys.stderr,
+        )
         return 2
     except Exception as exc:
         from protocols import ProtocolError
 
         if isinstance(exc, ProtocolError):
-            print(f"weft: error: {exc}", file=sys.stderr)
+            print(f"weft: error: {_one_line(str(exc))}", file=sys.stderr)
             return 2
         raise
+
+
+def _one_line(message: str) -> str:
+    """`message` on one line (a user's exception text may span several)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _os_error(exc: OSError) -> str:
+    """`FILE: reason; fix` for an OSError about a path the user gave."""
+    where = exc.filename if exc.filename is not None else "a path given"
+    reason = exc.strerror or type(exc).__name__
+    fixes = {
+        PermissionError: "check its permissions or choose another path",
+        FileNotFoundError: "check the path",
+        IsADirectoryError: "give a file, not a folder",
+        NotADirectoryError: "a part of the path is a file, not a folder; check the path",
+    }
+    fix = next((text for kind, text in fixes.items() if isinstance(exc, kind)), "check the path")
+    return _one_line(f"{where}: {reason}; {fix}")
 
 
 # ---- simulate ------------------------------------------------------------------------------------------
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from coordinator import NotEnoughNodes, QuorumNotReached
+    from coordinator import NotEnoughNodes, QuorumNotReached, RecordError, mark_interrupted
     from federation.plots import plot_metrics, run_title
     from federation.progress import RoundProgress
     from federation.runtime import resolve_run
@@ -52,15 +83,18 @@ def _simulate(args: argparse.Namespace) -> int:
     explicit = _explicit_run_values(args)
     if explicit.get("model-dir"):  # recorded absolute, so `weft export` finds the base from anywhere
         explicit["model-dir"] = str(Path(str(explicit["model-dir"])).resolve())
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
+    check_writable_dir(out, "out")  # before any work: an unwritable --out fails now, not after the first round
     # fail on a bad task path before Ray starts; the task's preferred settings sit under the user's flags
     task, run = resolve_run(explicit, source="")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")
     sim = given(args, SimulationConfig, "sim_")
     if args.iid:
         sim["partition"] = "iid"
     if sim.get("partition") == "iid":
         sim["alpha"] = None
     cfg = SimulationConfig(run=run, adversaries=parse_adversaries(args.adversary), out_dir=out, **sim)
+    check_gpus(cfg.gpus_per_node)  # both before Ray starts: Ray would wait forever for a GPU or a cluster
+    check_ray_address(cfg.ray_address)
     cfg = resolve_partition(cfg)  # loads the task's data once (cached for the run)
     title = run_title(cfg.run.to_json(), cfg.to_json())
     print(f"weft simulate: {title}, adversaries: {', '.join(cfg.adversary_kinds) or 'none'} -> {out}", file=sys.stderr)
@@ -70,6 +104,16 @@ def _simulate(args: argparse.Namespace) -> int:
         except (QuorumNotReached, NotEnoughNodes) as exc:
             print(f"weft: run failed: {exc}", file=sys.stderr)
             return 1
+        except RecordError as exc:
+            print(f"weft: error: {_one_line(str(exc))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            # Ray is already shut down by now; Flower's ServerApp thread would hold the process until its round
+            # timeout, so leave at once, with the record saying what happened.
+            mark_interrupted(out)
+            print(f"weft: interrupted; continue with the same command and --resume (record: {out})", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(130)
     plot = plot_metrics(out / "metrics.jsonl", out / "metrics.png", title=f"weft simulate: {title}")
     summary = dict(result.summary)
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -101,6 +145,7 @@ def _keys_new(args: argparse.Namespace) -> int:
     for path in (key_path, pub_path, *(flower or ())):
         if path.exists():  # nothing is written unless every file is new
             raise FileExistsError(f"{path} already exists; refusing to overwrite a key")
+    check_writable_dir(out, "out")
     key = SigningKey.generate()
     save_signing_key(key, key_path)
     save_public_key(key.public_key, pub_path)
@@ -146,6 +191,7 @@ def _manifest_init(args: argparse.Namespace) -> int:
     path = Path(args.manifest)
     if path.exists():
         raise FileExistsError(f"{path} already exists")
+    check_writable_dir(path.parent, "manifest")
     key = load_signing_key(Path(args.coordinator_key_file))
     if args.coordinator_key and load_public_key(Path(args.coordinator_key)) != key.public_key:
         raise ConfigError(
@@ -198,7 +244,9 @@ def _manifest_for_edit(args: argparse.Namespace) -> tuple[Path, Any, Any]:
 
     key = load_signing_key(Path(args.coordinator_key_file))
     path = Path(args.manifest)
-    return path, key, Manifest.load(path, coordinator_key=key.public_key)
+    manifest = Manifest.load(path, coordinator_key=key.public_key)
+    check_writable_dir(path.parent, "manifest")  # the next version is written beside it, then renamed over it
+    return path, key, manifest
 
 
 def _manifest_show(args: argparse.Namespace) -> int:
@@ -223,7 +271,7 @@ def _manifest_show(args: argparse.Namespace) -> int:
 FLAG_ALIASES = {"learning_rate": ["--lr"], "federated_evaluation": ["--no-federated-eval"]}
 """Short spellings kept from the first edition of the CLI."""
 SIM_FLAGS = ("nodes", "partition", "alpha", "personalize_epochs", "federation_id", "ray_address", "cpus_per_node",
-             "gpus_per_node", "federated_evaluation", "verbose")  # fmt: skip
+             "gpus_per_node", "federated_evaluation", "verbose", "resume")  # fmt: skip
 """SimulationConfig fields that are plain flags (adversaries and out_dir have their own syntax)."""
 
 
@@ -246,7 +294,8 @@ def _parser() -> argparse.ArgumentParser:
         "--adversary",
         default="",
         help="extra adversarial nodes, e.g. tamper=1,unsigned=1 or 'all' "
-        "(kinds: tamper, unsigned, nonmember, replay, nan, shape, inflate)",
+        "(rejected: tamper, unsigned, nonmember, replay, nan, shape, inflate; validly signed poison: signflip, "
+        "scale; faults: die, a node whose process dies mid-round in odd rounds)",
     )
     sim.add_argument("--out", help="output folder (default: runs/sim-<timestamp>)")
     sim.set_defaults(func=_simulate)
@@ -325,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     from federation.deploy import register as register_deploy  # torch- and flwr-free until a command runs
 
     register_deploy(sub)
+    from federation.audit import register as register_audit  # needs neither flwr nor torch
+
+    register_audit(sub)
     return parser
 
 

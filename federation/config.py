@@ -28,7 +28,26 @@ ADVERSARY_REASONS: dict[str, str] = {
     "shape": "shape_mismatch",
     "inflate": "example_count",
 }
-"""Each adversary kind, and the reason the coordinator must give when rejecting it."""
+"""Each adversary kind the coordinator must reject, and the reason it must give (`all` is one of each)."""
+
+ACCEPTED_ADVERSARIES: tuple[str, ...] = ("signflip", "scale")
+"""Compromised members whose harmful updates are validly signed and well-formed: verification accepts them
+(defending against them is robust aggregation's job, not verification's)."""
+
+FAULT_REASONS: dict[str, str] = {"die": "node_error"}
+"""Faults, not attacks: `die` kills its own worker process mid-training in odd rounds (1, 3, ...), and the
+coordinator records that round's missing update as `node_error`; in even rounds it trains honestly."""
+
+ADVERSARY_OUTCOMES: dict[str, str | None] = {
+    **ADVERSARY_REASONS,
+    **dict.fromkeys(ACCEPTED_ADVERSARIES),
+    **FAULT_REASONS,
+}
+"""Every kind `--adversary` takes, and what the coordinator records when it misbehaves: a reject reason,
+or None when its update is accepted."""
+
+MAX_ADVERSARIES = 1000
+"""The most adversarial nodes a simulation may add (each is a member with its own key and partition)."""
 
 
 def _field(default: Any, help: str) -> Any:
@@ -38,6 +57,8 @@ def _field(default: Any, help: str) -> Any:
 
 LR_SCHEDULES = ("constant", "cosine")
 SERVER_OPTIMIZERS = ("fedavg", "nesterov")
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
+WEIGHTINGS = ("examples", "equal", "quality")
 PARTITIONS = ("auto", "iid", "dirichlet", "natural")
 """auto: dirichlet when the task's pool has class labels, else natural when it has owner keys, else iid."""
 
@@ -79,6 +100,15 @@ class RunConfig:
     seed: int = _field(0, "seed of model init, data split and shuffling")
     quorum: float = _field(0.5, "fraction of manifest members whose accepted updates a round needs")
     round_timeout_s: float = _field(600.0, "how long a round waits for replies (s)")
+    aggregation: str = _field("fedavg", "how accepted updates are combined: fedavg, median, trimmed-mean or krum")
+    trim: float = _field(0.2, "trimmed-mean: fraction of values dropped at each end of every coordinate")
+    krum_f: int = _field(2, "krum: how many Byzantine updates to tolerate")
+    krum_m: int = _field(1, "krum: how many best-scored updates to average (1: Krum, more: multi-Krum)")
+    weighting: str = _field("examples", "how much an update counts: examples, equal, or quality (held-out score)")
+    quality_floor: float = _field(0.0, "reject an update whose held-out target metric is worse than this (0: off)")
+    max_share: float = _field(0.0, "anti-capture cap: largest share of one member in an aggregate (0: off)")
+    norm_bound: float = _field(0.0, "scale down an update whose change to the global model is longer (0: off)")
+    store_updates: bool = _field(True, "keep every accepted update in the record, for weft audit verify")
 
     def __post_init__(self) -> None:
         from node import EXCHANGES, OPTIMIZERS  # torch: imported only when a run is built
@@ -109,6 +139,14 @@ class RunConfig:
         _require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
         _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         _require(self.round_timeout_s > 0, "round-timeout-s", "must be > 0")
+        _require(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
+        _require(0 <= self.trim < 0.5, "trim", "must be in [0, 0.5)")
+        _require(self.krum_f >= 0, "krum-f", "must be >= 0")
+        _require(self.krum_m >= 1, "krum-m", "must be >= 1")
+        _require(self.weighting in WEIGHTINGS, "weighting", f"must be one of {', '.join(WEIGHTINGS)}")
+        _require(math.isfinite(self.quality_floor), "quality-floor", "must be a finite number (0: off)")
+        _require(0 <= self.max_share <= 1, "max-share", "must be in (0, 1], or 0 for off")
+        _require(math.isfinite(self.norm_bound) and self.norm_bound >= 0, "norm-bound", "must be > 0, or 0 for off")
 
     def learning_rate_at(self, round_: int) -> float:
         """The learning rate of training round `round_` (1-based): warm-up, then constant or cosine."""
@@ -186,6 +224,7 @@ class SimulationConfig:
     gpus_per_node: float = _field(0.0, "Ray GPUs per simulated node (0.25 shares one GPU among four)")
     federated_evaluation: bool = _field(True, "ask nodes to evaluate each global model on their validation split")
     verbose: bool = _field(False, "show Flower's and Ray's own logs")
+    resume: bool = _field(False, "continue the run recorded in --out from its last completed round")
 
     def __post_init__(self) -> None:
         _require(self.nodes >= 1, "nodes", "must be >= 1")
@@ -193,12 +232,9 @@ class SimulationConfig:
         _require(self.partition in PARTITIONS, "partition", f"must be one of {', '.join(PARTITIONS)}")
         _require(self.personalize_epochs >= 0, "personalize-epochs", "must be >= 0")
         for kind, count in self.adversaries.items():
-            _require(
-                kind in ADVERSARY_REASONS,
-                "adversary",
-                f"unknown kind {kind!r}; choose from {', '.join(ADVERSARY_REASONS)}",
-            )
+            _require(kind in ADVERSARY_OUTCOMES, "adversary", _unknown_kind(kind))
             _require(count >= 0, "adversary", f"count for {kind!r} must be >= 0")
+        _require_few_adversaries(sum(self.adversaries.values()))
         _require(self.cpus_per_node > 0, "cpus-per-node", "must be > 0")
         _require(self.gpus_per_node >= 0, "gpus-per-node", "must be >= 0")
 
@@ -217,7 +253,7 @@ class SimulationConfig:
     @property
     def adversary_kinds(self) -> list[str]:
         """One entry per adversarial node, in a fixed order."""
-        return [kind for kind in ADVERSARY_REASONS for _ in range(self.adversaries.get(kind, 0))]
+        return [kind for kind in ADVERSARY_OUTCOMES for _ in range(self.adversaries.get(kind, 0))]
 
 
 @dataclass(frozen=True)
@@ -273,10 +309,15 @@ class DeploymentSettings:
     """After the last round, ask every node to fine-tune the final model locally and report before/after."""
     federated_evaluation: bool = True
     """Ask every node to evaluate each new global model on its own validation split."""
+    resume: bool = False
+    """Continue the run recorded in `out_dir` from its last committed round (`weft coordinator start --resume`)."""
 
 
 def parse_adversaries(text: str) -> dict[str, int]:
-    """Parse `tamper=1,unsigned=2` (or `all` for one of each kind)."""
+    """Parse `tamper=1,unsigned=2` (or `all` for one of each kind the coordinator must reject).
+
+    Counts are decimal integers >= 0 and add up to at most MAX_ADVERSARIES.
+    """
     if not text.strip():
         return {}
     if text.strip() == "all":
@@ -288,11 +329,30 @@ def parse_adversaries(text: str) -> dict[str, int]:
             bool(sep) and count.isascii() and count.isdigit(), "adversary", f"expected kind=count, got {item.strip()!r}"
         )
         _require(kind not in out, "adversary", f"kind {kind!r} given twice")
+        _require(kind in ADVERSARY_OUTCOMES, "adversary", _unknown_kind(kind))
+        # compare digits first: int() of a 5000-digit string raises, and a huge count must not reach the simulation
+        digits = count.lstrip("0") or "0"
+        shown = digits if len(digits) <= 12 else f"{digits[:12]}..."
         _require(
-            kind in ADVERSARY_REASONS, "adversary", f"unknown kind {kind!r}; choose from {', '.join(ADVERSARY_REASONS)}"
+            len(digits) <= len(str(MAX_ADVERSARIES)) and int(digits) <= MAX_ADVERSARIES,
+            "adversary",
+            f"count {shown} for {kind!r} is too large; use at most {MAX_ADVERSARIES} adversarial nodes in total",
         )
-        out[kind] = int(count)
+        out[kind] = int(digits)
+    _require_few_adversaries(sum(out.values()))
     return out
+
+
+def _unknown_kind(kind: str) -> str:
+    return f"unknown kind {kind!r}; choose from {', '.join(ADVERSARY_OUTCOMES)}"
+
+
+def _require_few_adversaries(total: int) -> None:
+    _require(
+        total <= MAX_ADVERSARIES,
+        "adversary",
+        f"{total} adversarial nodes in total; use at most {MAX_ADVERSARIES} (lower the counts)",
+    )
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

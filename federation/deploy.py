@@ -2,7 +2,7 @@
 
     weft coordinator dev-certs --out DIR --host NAME ...     a development CA and SuperLink certificate
     weft coordinator app-hash [--app-dir DIR]                the FAB hash partners approve
-    weft coordinator start --manifest M --coordinator-key K --state-dir DIR --certs DIR [--port P] ...
+    weft coordinator start --manifest M --coordinator-key K --state-dir DIR --certs DIR [--port P] ... [--resume]
     weft coordinator status --state-dir DIR
     weft node start --superlink HOST:PORT --root-cert CA --flower-key FK --key K --coordinator-key C.pub
                     --federation-id ID --data-dir D --workdir W --jurisdiction XX --task T [--approve HASH ...]
@@ -48,6 +48,7 @@ HELP: dict[str, str] = {
     "flower_keys": "folder with NAME.flower.pub for members whose manifest entry has no Flower auth key",
     "run_timeout_s": "stop waiting for the run after this many seconds",
     "start_timeout_s": "stop waiting for the SuperLink to listen after this many seconds",
+    "resume": "continue the run recorded in DIR/run from its last committed round (after a crash or a stop)",
     # node start
     "superlink": "HOST:PORT of the coordinator's SuperLink",
     "root_cert": "the CA certificate that signed the SuperLink's certificate",
@@ -90,6 +91,9 @@ def settings_argv(settings: CoordinatorStart | NodeStart) -> list[str]:
     for f in fields(settings):
         value = getattr(settings, f.name)
         if f.default is not MISSING and value == f.default:
+            continue
+        if isinstance(value, bool):  # a switch (federation/flags.py): --name, or --no-name for a True default
+            argv.append(flag(f.name) if value else "--no-" + flag(f.name)[2:])
             continue
         for item in value if isinstance(value, tuple) else (value,):
             argv += [flag(f.name), str(item)]

@@ -15,12 +15,19 @@
 5. stops the SuperLink and everything it spawned, and exits 0 only if the run is `finished:completed`.
 
 STATE/state.json records the run (id, app hash, status), for `weft coordinator status`.
+
+With `--resume` it continues the run recorded in STATE/run (its ledger.jsonl) from the last committed
+round instead: the SuperLink restarts on the same STATE/superlink.db (registrations persist), a run that
+Flower still lists as unfinished is stopped, and a new Flower run is started with `resume = true`; the
+weft run keeps the run id its ledger started with, and the ledger gets a `resume` record. Without
+`--resume`, an existing record is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -71,6 +78,8 @@ class CoordinatorStart:
     """Folder with NAME.flower.pub for members whose manifest entry has no Flower auth key."""
     run_timeout_s: float = 86400.0
     start_timeout_s: float = 120.0
+    resume: bool = False
+    """Continue the run recorded in STATE/run from its last committed round (after a crash or a stop)."""
 
     @property
     def out_dir(self) -> Path:
@@ -114,10 +123,36 @@ def check_coordinator(s: CoordinatorStart) -> tuple[list[Registration], CertFile
     check_server_cert(certs.cert)
     if s.app_dir is not None and not (s.app_dir / "pyproject.toml").is_file():
         raise ConfigError(f"app-dir: {s.app_dir} has no pyproject.toml")
-    if (s.out_dir / "metrics.jsonl").exists() or (s.out_dir / "summary.json").exists():
-        raise ConfigError(f"state-dir: {s.out_dir} already holds a run's record; move it away or use another state-dir")
+    check_record(s)
     run_config = parse_run_config(s.run_config)
+    if "resume" in run_config:
+        raise ConfigError("run-config: resume is set by weft coordinator start; use its --resume flag")
     return registrations(manifest, s.flower_keys, s.state_dir / "flower-keys"), certs, run_config
+
+
+def check_record(s: CoordinatorStart) -> None:
+    """Without --resume, STATE/run must hold no record; with it, an unfinished run's ledger."""
+    from protocols import ProtocolError
+    from protocols.ledger import LEDGER_FILE, read_ledger
+
+    ledger = s.out_dir / LEDGER_FILE
+    if not s.resume:
+        if any((s.out_dir / name).exists() for name in (LEDGER_FILE, "metrics.jsonl", "summary.json")):
+            raise ConfigError(
+                f"state-dir: {s.out_dir} already holds a run's record; continue it with --resume, or move it away "
+                "or use another state-dir"
+            )
+        return
+    if not ledger.is_file():
+        raise ConfigError(f"resume: {s.out_dir} holds no {LEDGER_FILE}; nothing to resume (start without --resume)")
+    try:
+        entries = read_ledger(ledger).entries
+    except ProtocolError as exc:
+        raise ConfigError(f"resume: {exc}") from exc
+    last = entries[-1].body if entries else {}
+    if last.get("kind") == "end" and last.get("status") == "completed":
+        raise ConfigError(f"resume: the run in {s.out_dir} already completed {last.get('rounds')} round(s); "
+                          "nothing to resume")  # fmt: skip
 
 
 def registrations(manifest: Any, key_folder: Path | None, written: Path) -> list[Registration]:
@@ -181,6 +216,8 @@ def start_coordinator(s: CoordinatorStart) -> int:
     log.info("app %s: hash %s (partners approve it: weft node approve %s)", app_dir, fab_hash, fab_hash)
     state: dict[str, Any] = {"manifest": str(s.manifest.resolve()), "app_dir": str(app_dir), "app_hash": fab_hash,
                              "out_dir": str(s.out_dir.resolve()), "port": s.port, "status": "starting"}  # fmt: skip
+    if s.resume:
+        state.update(_resumed_state(s.state_dir))
     _write_state(s.state_dir, state)
     link: Child | None = None
     with stop_on_signals():
@@ -189,12 +226,17 @@ def start_coordinator(s: CoordinatorStart) -> int:
             cli = FlwrCli(s.state_dir / "flwr-home-cli")
             cli.write_connection(f"{_bracket(s.local_host)}:{s.port}", certs.ca)
             _register_members(cli, regs, s.state_dir)
+            if s.resume:
+                _stop_unfinished(cli, state["previous_runs"])
             values = {**run_values, **_weft_run_values(s)}
             return _run(cli, app_dir, run_config_text(values), s, state, link)
         except Stopped as why:
             log.error("stopped by %s", why)
             state["status"] = f"stopped by {why}"
             return 1
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            state["status"] = f"error: {exc}"  # e.g. the SuperLink died under the run: continue it with --resume
+            raise
         finally:
             _write_state(s.state_dir, state)
             if link is not None:
@@ -248,11 +290,43 @@ def _register_members(cli: FlwrCli, regs: list[Registration], state_dir: Path) -
 
 
 def _weft_run_values(s: CoordinatorStart) -> dict[str, str]:
-    return {
+    values = {
         "manifest": json.dumps(str(s.manifest.resolve())),  # a JSON string is a TOML basic string
         "coordinator-key": json.dumps(str(s.coordinator_key.resolve())),
         "out-dir": json.dumps(str(s.out_dir.resolve())),
     }
+    if s.resume:
+        values["resume"] = "true"
+    return values
+
+
+def _resumed_state(state_dir: Path) -> dict[str, Any]:
+    """state.json's resume bookkeeping: every earlier Flower run of this record, with the status it was left in."""
+    path = state_dir / STATE_FILE
+    try:
+        previous: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        previous = {}  # a state.json is written atomically; an unreadable one is not worth failing a resume
+    runs = list(previous.get("previous_runs", []))
+    if previous.get("run_id") is not None:
+        runs.append({"run_id": previous["run_id"], "status": previous.get("status", "unknown")})
+    return {"resumed": True, "resumes": int(previous.get("resumes", 0)) + 1, "previous_runs": runs}
+
+
+def _stop_unfinished(cli: FlwrCli, runs: list[dict[str, Any]]) -> None:
+    """Stop earlier Flower runs of this record that the SuperLink still lists as unfinished, so their queued
+    messages are not delivered to the nodes; a run the SuperLink no longer knows is skipped."""
+    for entry in runs:
+        if str(entry.get("status", "")).startswith("finished"):
+            continue
+        run_id = int(entry["run_id"])
+        try:
+            status = str(cli.run_status(run_id).get("status", ""))
+            if not status.startswith("finished"):
+                cli.stop_run(run_id)
+                log.info("stopped the interrupted run %d (it was %s)", run_id, status)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            log.warning("run %d: could not check or stop it: %s", run_id, exc)
 
 
 def _run(cli: FlwrCli, app_dir: Path, run_config: str, s: CoordinatorStart, state: dict[str, Any], link: Child) -> int:

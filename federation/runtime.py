@@ -8,6 +8,7 @@ is built here, once (docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from federation.evaluation import CentralEvaluator
 from federation.tasks import SimulationData, Task, TaskOptions, load_task
 from node import ExchangeSpec, LocalModel, NodeRuntime
 from protocols import ConfigValue, Manifest, PublicKey, SigningKey, wire
+from protocols.aggregation import FedAvg, Rule
+from protocols.policy import ContributionPolicy
 
 
 def resolve_run(explicit: Mapping[str, Any], source: str) -> tuple[Task, RunConfig]:
@@ -66,8 +69,32 @@ def instructions(run: RunConfig, spec: ExchangeSpec, frozen: str) -> Callable[[i
     return of_round
 
 
+def aggregation_rule(run: RunConfig) -> Rule:
+    """The run's aggregation rule (protocols/aggregation.py, protocols/robust.py)."""
+    from protocols.robust import Krum, Median, TrimmedMean
+
+    if run.aggregation == "median":
+        return Median()
+    if run.aggregation == "trimmed-mean":
+        return TrimmedMean(run.trim)
+    if run.aggregation == "krum":
+        return Krum(run.krum_f, run.krum_m)
+    return FedAvg()
+
+
+def contribution_policy(run: RunConfig, maximize: bool) -> ContributionPolicy:
+    """The run's contribution policy (protocols/policy.py); 0 turns the floor, cap and bound off."""
+    return ContributionPolicy(
+        weighting=run.weighting,
+        quality_floor=run.quality_floor or None,
+        maximize=maximize,
+        max_share=run.max_share or None,
+        norm_bound=run.norm_bound or None,
+    )
+
+
 def server_optimizer(run: RunConfig) -> ServerOptimizer:
-    """The run's server optimizer (coordinator/server_opt.py)."""
+    """The run's server optimizer (protocols/server_opt.py)."""
     if run.server_optimizer == "nesterov":
         return OuterNesterov(run.server_learning_rate, run.server_momentum)
     return Plain()
@@ -90,6 +117,8 @@ class RunPlan:
     federated_evaluation: bool = True
     personalize: bool = False
     observer: Observer | None = None
+    resume: bool = False
+    """Continue the run recorded in `out_dir` from its last committed round."""
 
 
 def build_coordinator(task: Task, run: RunConfig, plan: RunPlan) -> CoordinatorRuntime:
@@ -100,6 +129,16 @@ def build_coordinator(task: Task, run: RunConfig, plan: RunPlan) -> CoordinatorR
     except ValueError as exc:
         raise ConfigError(f"exchange: {exc}") from exc
     held_out = plan.held_out
+    settings_need = max(1, math.ceil(run.quorum * len(plan.manifest.active)))  # as CoordinatorSettings.min_accepted
+    if run.aggregation == "krum" and settings_need < run.krum_f + 3:
+        raise ConfigError(
+            f"krum-f: Krum tolerating {run.krum_f} Byzantine update(s) needs at least {run.krum_f + 3} updates a "
+            f"round, but the quorum only guarantees {settings_need}; raise --quorum or lower --krum-f"
+        )
+    if run.aggregation == "krum" and run.krum_m > len(plan.manifest.active):
+        raise ConfigError(f"krum-m: {run.krum_m} is more than the {len(plan.manifest.active)} active members")
+    if (run.weighting == "quality" or run.quality_floor) and held_out is None:
+        raise ConfigError("weighting: a quality policy needs the task's held-out data at the coordinator")
     return CoordinatorRuntime(
         settings=CoordinatorSettings(
             federation_id=plan.manifest.federation_id,
@@ -115,12 +154,16 @@ def build_coordinator(task: Task, run: RunConfig, plan: RunPlan) -> CoordinatorR
             target_metric=task.recipe.target,
             maximize=task.recipe.maximize,
             personalize=plan.personalize,
+            resume=plan.resume,
+            store_updates=run.store_updates,
         ),
         identity=plan.identity,
         manifest=plan.manifest,
         initial_arrays=start.arrays(),
         central_eval=CentralEvaluator(task, spec, held_out.test) if held_out is not None else None,
         server_optimizer=server_optimizer(run),
+        rule=aggregation_rule(run),
+        policy=contribution_policy(run, task.recipe.maximize),
         central_eval_data=held_out.description if held_out is not None else "",
         observer=plan.observer or NullObserver(),
     )

@@ -141,11 +141,13 @@ def resolve_partition(cfg: SimulationConfig) -> SimulationConfig:
 
 
 def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey]:
-    """Create keys, partitions and the manifest under `cfg.out_dir`."""
+    """Create keys, partitions and the manifest under `cfg.out_dir` (or, with `resume`, reload them)."""
     cfg = resolve_partition(cfg)
     home = cfg.out_dir.resolve()
+    if cfg.resume:
+        return _reload(cfg, home)
     if (home / "keys").exists() or (home / "summary.json").exists():
-        raise FileExistsError(f"{home} already holds a simulation; choose another --out folder")
+        raise FileExistsError(f"{home} already holds a simulation; choose another --out folder, or add --resume")
     run = cfg.run
     # ---- everything that can fail on a user's input fails here, before any file is written ----
     _task_data(run.task, run.model_dir, run.seed)  # validates the task (check_task) and caches its data
@@ -176,6 +178,29 @@ def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey
     return nodes, manifest, coordinator
 
 
+def _reload(cfg: SimulationConfig, home: Path) -> tuple[SimulatedNodes, Manifest, SigningKey]:
+    """The keys and manifest of the simulation recorded in `home`, for `--resume`."""
+    key_file = home / "keys" / "coordinator.key"
+    if not key_file.exists():
+        raise ConfigError(f"resume: {home} holds no simulation to resume (no keys/coordinator.key); drop --resume")
+    coordinator = load_signing_key(key_file)
+    manifest = Manifest.load(home / "manifest.json", coordinator.public_key)
+    run = cfg.run
+    _task_data(run.task, run.model_dir, run.seed)
+    nodes = SimulatedNodes(
+        run.task, run.seed, cfg.partition, cfg.alpha, cfg.nodes, cfg.federation_id, home, run.model_dir,
+        cfg.personalize_epochs,
+    )  # fmt: skip
+    n_total = cfg.nodes + len(cfg.adversary_kinds)
+    missing = [pid for pid in range(n_total) if not nodes.key_path(pid).exists()]
+    if missing or manifest.federation_id != cfg.federation_id:
+        raise ConfigError(
+            f"resume: {home} was simulated with other settings (nodes, adversaries or federation id); "
+            "resume with the command that started it"
+        )
+    return nodes, manifest, coordinator
+
+
 def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
     """Run the simulation to completion; raise if the run fails (e.g. a quorum is missed)."""
     from flwr.simulation import run_simulation
@@ -194,20 +219,29 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
         federated_evaluation=cfg.federated_evaluation,
         personalize=cfg.personalize_epochs > 0,
         observer=observer,
+        resume=cfg.resume,
     )
     runtime = build_coordinator(task, cfg.run, plan)
     results: list[RunResult] = []
+    errors: list[BaseException] = []
     roles = {cfg.nodes + i: kind for i, kind in enumerate(cfg.adversary_kinds)}
     client_app = make_client_app(nodes, mods=[Adversaries(roles, nodes)] if roles else [])
-    server_app = make_server_app(lambda _ctx: runtime, on_result=results.append)
+    server_app = make_server_app(lambda _ctx: runtime, on_result=results.append, on_error=errors.append)
     _quiet_logs(cfg.verbose)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.nodes + len(roles),
-        backend_config=_backend_config(cfg),
-        verbose_logging=cfg.verbose,
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.nodes + len(roles),
+            backend_config=_backend_config(cfg),
+            verbose_logging=cfg.verbose,
+        )
+    except Exception:
+        if errors:  # the coordinator's own error says what went wrong; Flower's wrapper does not
+            raise errors[0] from None
+        raise
+    if errors:
+        raise errors[0]
     if not results:
         raise RuntimeError("the simulation ended without a result; rerun with --verbose to see Flower's log")
     return results[0]
@@ -222,6 +256,11 @@ def _record_config(cfg: SimulationConfig, data: SimulationData) -> dict[str, obj
 
 
 def _backend_config(cfg: SimulationConfig) -> dict[str, dict[str, Any]]:
+    """Flower's backend config for `cfg`; also makes Flower run it on weft's Ray backend, which replaces a
+    node process that dies mid-round and leaves no Ray process behind (federation/sim_backend.py)."""
+    from federation.sim_backend import use_weft_backend
+
+    use_weft_backend()
     init_args: dict[str, Any] = {"log_to_driver": cfg.verbose, "logging_level": "INFO" if cfg.verbose else "ERROR"}
     # Without an address, always start a fresh local instance: a bare ray.init() would join whatever
     # cluster /tmp/ray/ray_current_cluster names, even a dead one left by a killed run (it then hangs).

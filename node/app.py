@@ -25,12 +25,14 @@ from node.store import record_round, save_local_model, save_personal_model
 from node.training import Stats, evaluate_local, train_local
 from protocols import (
     DecodeError,
+    EvaluationEnvelope,
     GlobalModelEnvelope,
     SignatureError,
     SignedBlob,
     UpdateEnvelope,
     open_global_model,
     params_digest,
+    sign_evaluation,
     sign_update,
     wire,
 )
@@ -140,7 +142,19 @@ def handle_evaluate(rt: NodeRuntime, msg: Message) -> Message:
     if todo.phase == PHASE_PERSONALIZE and rt.personalize_epochs > 0:
         values.update(_personalize(rt, local, todo, envelope.round).prefixed("personal"))
     metrics = declared_metrics(values, rt.allowlist)
-    return Message(evaluate_reply(stats.num_examples, metrics), reply_to=msg)
+    signed = sign_evaluation(
+        rt.identity,
+        EvaluationEnvelope(
+            federation_id=envelope.federation_id,
+            run_id=envelope.run_id,
+            round=envelope.round,
+            sender=rt.identity.member_id,
+            model_digest=envelope.model_digest,
+            num_examples=stats.num_examples,
+            metrics=metrics,
+        ),
+    )
+    return Message(evaluate_reply(stats.num_examples, metrics, signed), reply_to=msg)
 
 
 def _personalize(rt: NodeRuntime, local: LocalModel, todo: Instructions, round_: int) -> Stats:

@@ -38,6 +38,11 @@ def train_reply(
     )
 
 
-def evaluate_reply(num_examples: int, metrics: Mapping[str, float]) -> RecordDict:
-    """Reply to an evaluate instruction: the example count and declared metrics only."""
-    return RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: int(num_examples), **metrics})})
+def evaluate_reply(num_examples: int, metrics: Mapping[str, float], signed: SignedBlob) -> RecordDict:
+    """Reply to an evaluate instruction: the example count, the declared metrics and the envelope signing them."""
+    return RecordDict(
+        {
+            wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: int(num_examples), **metrics}),
+            wire.EVALUATION_RECORD: ConfigRecord({wire.ENVELOPE: signed.body, wire.SIGNATURE: signed.signature}),
+        }
+    )

@@ -34,7 +34,7 @@ PAYLOADS = frozenset({PAYLOAD_WEIGHTS})
 RESERVED_METRIC = "num-examples"
 """Carries the example count next to the metrics in a Flower reply; never a metric name."""
 
-_E = TypeVar("_E", "UpdateEnvelope", "GlobalModelEnvelope")
+_E = TypeVar("_E", "UpdateEnvelope", "GlobalModelEnvelope", "EvaluationEnvelope")
 
 
 class Kind(enum.IntEnum):
@@ -42,6 +42,7 @@ class Kind(enum.IntEnum):
 
     UPDATE = 1
     GLOBAL_MODEL = 2
+    EVALUATION = 3
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,9 @@ class UpdateEnvelope:
     """What the arrays are; version 1 knows only `weights`."""
 
     def __post_init__(self) -> None:
-        _check_id("federation_id", self.federation_id)
-        _check_id("run_id", self.run_id)
-        _check_range("round", self.round, 0, 2**32 - 1)
-        if not _MEMBER.fullmatch(self.sender):
-            raise ValueError(f"sender must be a 16-hex-digit member id, got {self.sender!r}")
+        _check_node_statement(self.federation_id, self.run_id, self.round, self.sender, self.num_examples, self.metrics)
         _check_digest("base_digest", self.base_digest)
         _check_digest("update_digest", self.update_digest)
-        _check_range("num_examples", self.num_examples, 0, 2**63 - 1)
-        _check_keys("metrics", self.metrics)
-        if RESERVED_METRIC in self.metrics:
-            raise ValueError(f"metrics may not use the reserved name {RESERVED_METRIC!r}")
-        for name, value in self.metrics.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
         if self.payload not in PAYLOADS:
             raise ValueError(f"unknown payload kind {self.payload!r}")
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
@@ -165,6 +155,56 @@ class GlobalModelEnvelope:
         return _build(cls, fields)
 
 
+@dataclass(frozen=True)
+class EvaluationEnvelope:
+    """A node's signed statement about how a global model did on its local validation data.
+
+    Binds the model evaluated (its digest and round), the example count and the metrics: the coordinator
+    counts an evaluation only if it verifies, and records it in the ledger as signed.
+    """
+
+    federation_id: str
+    run_id: str
+    round: int
+    """The round of the global model that was evaluated."""
+    sender: str
+    """Member id of the evaluating node."""
+    model_digest: bytes
+    """Digest of the global model evaluated."""
+    num_examples: int
+    """Validation examples behind the metrics."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Declared scalar metrics (`eval_*`, `personal_*`)."""
+
+    def __post_init__(self) -> None:
+        _check_node_statement(self.federation_id, self.run_id, self.round, self.sender, self.num_examples, self.metrics)
+        _check_digest("model_digest", self.model_digest)
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+
+    def encode(self) -> bytes:
+        """Canonical bytes (the signed message)."""
+        w = _header(Kind.EVALUATION)
+        w.text(self.federation_id).text(self.run_id).u32(self.round).text(self.sender)
+        w.digest(self.model_digest).u64(self.num_examples).metrics(self.metrics)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> EvaluationEnvelope:
+        """Parse canonical bytes strictly."""
+        r = _read_header(data, Kind.EVALUATION)
+        fields = dict(
+            federation_id=r.text(),
+            run_id=r.text(),
+            round=r.u32(),
+            sender=r.text(),
+            model_digest=r.digest(),
+            num_examples=r.u64(),
+            metrics=r.metrics(),
+        )
+        r.finish()
+        return _build(cls, fields)
+
+
 # ---- signing -------------------------------------------------------------------------------------
 
 
@@ -188,6 +228,14 @@ def sign_global_model(key: SigningKey, envelope: GlobalModelEnvelope) -> SignedB
     """Sign a global-model envelope with the coordinator's key."""
     body = envelope.encode()
     return SignedBlob(body, key.sign(Domain.GLOBAL_MODEL, body))
+
+
+def sign_evaluation(key: SigningKey, envelope: EvaluationEnvelope) -> SignedBlob:
+    """Sign an evaluation envelope; the key must be the envelope's sender."""
+    if key.member_id != envelope.sender:
+        raise ValueError(f"key {key.member_id} cannot sign for sender {envelope.sender}")
+    body = envelope.encode()
+    return SignedBlob(body, key.sign(Domain.EVALUATION, body))
 
 
 def open_global_model(blob: SignedBlob, coordinator: PublicKey) -> GlobalModelEnvelope:
@@ -221,6 +269,24 @@ def _build(cls: type[_E], fields: dict[str, Any]) -> _E:
         return cls(**fields)
     except ValueError as exc:
         raise DecodeError(str(exc)) from exc
+
+
+def _check_node_statement(
+    federation_id: str, run_id: str, round_: int, sender: str, num_examples: int, metrics: Mapping[str, float]
+) -> None:
+    """The fields every envelope a node signs shares: binding, sender, example count, declared metrics."""
+    _check_id("federation_id", federation_id)
+    _check_id("run_id", run_id)
+    _check_range("round", round_, 0, 2**32 - 1)
+    if not _MEMBER.fullmatch(sender):
+        raise ValueError(f"sender must be a 16-hex-digit member id, got {sender!r}")
+    _check_range("num_examples", num_examples, 0, 2**63 - 1)
+    _check_keys("metrics", metrics)
+    if RESERVED_METRIC in metrics:
+        raise ValueError(f"metrics may not use the reserved name {RESERVED_METRIC!r}")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
 
 
 def _check_id(name: str, value: str) -> None:

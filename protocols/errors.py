@@ -23,3 +23,7 @@ class ManifestError(ProtocolError):
 
 class WeakKeyError(ProtocolError, ValueError):
     """An Ed25519 public key encoding that weft refuses: small-order, non-canonical or not on the curve."""
+
+
+class ManifestDecodeError(ManifestError, DecodeError):
+    """Manifest bytes that cannot be read as one: not UTF-8, not JSON, nested too deep, too large, not an object."""

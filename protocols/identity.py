@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from protocols.errors import KeyFileError, SignatureError, WeakKeyError
@@ -62,6 +62,10 @@ class Domain(enum.Enum):
     GLOBAL_MODEL = b"weft/global-model/v1\x00"
     MANIFEST = b"weft/manifest/v2\x00"
     """Manifest format v2 (`weft/manifest/v1` was reserved but never used: v1 manifests were unsigned)."""
+    LEDGER = b"weft/ledger/v1\x00"
+    """One record of a run's hash-chained ledger (protocols.ledger)."""
+    EVALUATION = b"weft/evaluation/v1\x00"
+    """A node's evaluation reply: which global model it evaluated, on how many examples, with what metrics."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +183,14 @@ def load_signing_key(path: Path) -> SigningKey:
         )
     try:
         key = serialization.load_pem_private_key(data, password=None)
+    except UnsupportedAlgorithm as exc:
+        raise KeyFileError(f"{path}: {_first_line(exc)}; {_NEEDS_PRIVATE}") from exc
     except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from exc
+        raise KeyFileError(
+            f"{path} is not an unencrypted PEM private key ({_first_line(exc)}); {_NEEDS_PRIVATE}"
+        ) from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, weft needs an Ed25519 key")
+        raise KeyFileError(f"{path} holds {_algorithm(key)} private key; {_NEEDS_PRIVATE}")
     return SigningKey(key)
 
 
@@ -200,10 +208,12 @@ def load_public_key(path: Path) -> PublicKey:
     data = _read_key_file(path, "public key")
     try:
         key = serialization.load_pem_public_key(data)
-    except ValueError as exc:
-        raise KeyFileError(f"{path} is not a PEM public key: {exc}") from exc
+    except UnsupportedAlgorithm as exc:
+        raise KeyFileError(f"{path}: {_first_line(exc)}; {_NEEDS_PUBLIC}") from exc
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not a PEM public key ({_first_line(exc)}); {_NEEDS_PUBLIC}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, weft needs an Ed25519 key")
+        raise KeyFileError(f"{path} holds {_algorithm(key)} public key; {_NEEDS_PUBLIC}")
     try:
         return PublicKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
     except WeakKeyError as exc:
@@ -240,7 +250,8 @@ def flower_auth_public_key(text: str) -> str:
     """
     try:
         key = serialization.load_ssh_public_key(text.strip().encode())
-    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError) as exc:
+    except (ValueError, UnsupportedAlgorithm, UnicodeEncodeError, NotImplementedError) as exc:
+        # cryptography raises NotImplementedError for an ECDSA key line with a compressed point
         raise ValueError(f"not an OpenSSH public key ({exc})") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, FLOWER_AUTH_CURVES):
         raise ValueError("Flower SuperNode auth needs an ECDSA key on a NIST curve (e.g. ecdsa-sha2-nistp384)")
@@ -253,7 +264,35 @@ def load_flower_auth_public_key(path: Path) -> str:
     try:
         return flower_auth_public_key(data.decode("ascii"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"{path}: {exc}") from exc
+        raise KeyFileError(
+            f"{path}: {_first_line(exc)}; expected one OpenSSH line 'ecdsa-sha2-nistp384 AAAA...' "
+            "(NAME.flower.pub from `weft keys new --kind node`)"
+        ) from exc
+
+
+_NEEDS_PRIVATE = "weft needs an Ed25519 key (a PKCS#8 PEM private key): create one with `weft keygen`"
+_NEEDS_PUBLIC = "weft needs an Ed25519 key (a PEM public key): the NAME.pub that `weft keygen` writes"
+
+
+def _algorithm(key: object) -> str:
+    """'an RSA', 'an EC (secp256r1)', 'an Ed448' ...: what a loaded key is, for a message."""
+    kinds: tuple[tuple[tuple[type, ...], str], ...] = (
+        ((rsa.RSAPrivateKey, rsa.RSAPublicKey), "an RSA"),
+        ((ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey), "an EC"),
+        ((dsa.DSAPrivateKey, dsa.DSAPublicKey), "a DSA"),
+        ((ed448.Ed448PrivateKey, ed448.Ed448PublicKey), "an Ed448"),
+        ((x25519.X25519PrivateKey, x25519.X25519PublicKey), "an X25519"),
+        ((x448.X448PrivateKey, x448.X448PublicKey), "an X448"),
+    )
+    text = next((label for types, label in kinds if isinstance(key, types)), f"a {type(key).__name__}")
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        text += f" ({key.curve.name})"
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's message on one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _create(path: Path, data: bytes, mode: int) -> None:
@@ -267,6 +306,8 @@ def _create(path: Path, data: bytes, mode: int) -> None:
 
 
 def _read_key_file(path: Path, what: str) -> bytes:
+    if path.is_dir():
+        raise KeyFileError(f"{what} file {path} is a folder; give the key file itself")
     if not path.is_file():
         raise KeyFileError(f"{what} file {path} does not exist; create one with `weft keygen`")
     try:

@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any
 
 from protocols.envelope import ID_PATTERN
-from protocols.errors import ManifestError, SignatureError
+from protocols.errors import ManifestDecodeError, ManifestError, SignatureError
 from protocols.identity import Domain, PublicKey, SigningKey, flower_auth_public_key
 
 FORMAT = "weft-manifest/v2"
@@ -33,6 +33,8 @@ RETIRED_FORMATS = frozenset({"weft-manifest/v1"})
 """Formats this version refuses, with a migration hint (v1 manifests were never signed)."""
 MAX_INTEGER = 2**53 - 1
 """Largest `version` / `max_examples`: every JSON implementation reads integers up to 2^53 - 1 exactly."""
+MAX_MANIFEST_BYTES = 64 << 20
+"""Largest manifest file read (64 MiB: a member takes about 500 bytes)."""
 ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
 
@@ -248,16 +250,26 @@ class Manifest:
         With `coordinator_key`, the manifest must also be signed by exactly that key (the reader's
         trusted coordinator), not just by the key it names itself.
         """
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestDecodeError(
+                f"{source}: {len(text)} characters is too large for a manifest (at most {MAX_MANIFEST_BYTES})"
+            )
         try:
             doc = json.loads(text, object_pairs_hook=_unique_fields, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
-            raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+            raise ManifestDecodeError(
+                f"{source}: not valid JSON ({exc}); a manifest is the JSON file `weft manifest init` writes"
+            ) from exc
         except ManifestError as exc:
-            raise ManifestError(f"{source}: {exc}") from exc
+            raise ManifestDecodeError(f"{source}: {exc}") from exc
+        except RecursionError:
+            raise ManifestDecodeError(f"{source}: JSON nested too deeply to be a manifest") from None
+        except ValueError as exc:  # e.g. an integer literal of more digits than Python converts
+            raise ManifestDecodeError(f"{source}: not a valid manifest ({exc})") from exc
         if not isinstance(doc, dict):
-            raise ManifestError(f"{source}: expected an object")
+            raise ManifestDecodeError(f"{source}: expected an object")
         fmt = doc.get("format")
-        if fmt in RETIRED_FORMATS:
+        if isinstance(fmt, str) and fmt in RETIRED_FORMATS:
             raise ManifestError(
                 f"{source}: format {fmt!r} is no longer supported (v1 manifests were never signed); "
                 "re-create it with `weft manifest init` and `weft manifest add` (docs/PROTOCOL.md, section 7)"
@@ -316,15 +328,33 @@ class Manifest:
         return manifest
 
     @classmethod
+    def from_bytes(cls, data: bytes, source: str = "manifest", coordinator_key: PublicKey | None = None) -> Manifest:
+        """Parse UTF-8 manifest bytes as `from_json` does; bytes that are no manifest raise `ManifestDecodeError`."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestDecodeError(
+                f"{source}: {len(data)} bytes is too large for a manifest (at most {MAX_MANIFEST_BYTES})"
+            )
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestDecodeError(
+                f"{source}: not UTF-8 text (byte {exc.start}); a manifest is the JSON file `weft manifest init` writes"
+            ) from None
+        return cls.from_json(text, source=source, coordinator_key=coordinator_key)
+
+    @classmethod
     def load(cls, path: Path, coordinator_key: PublicKey | None = None) -> Manifest:
         """Read, validate and verify a manifest file (against `coordinator_key` too, when given)."""
+        if path.is_dir():
+            raise ManifestError(f"manifest file {path} is a folder; give the manifest's JSON file")
         if not path.is_file():
-            raise ManifestError(f"manifest file {path} does not exist")
+            raise ManifestError(f"manifest file {path} does not exist; create one with `weft manifest init`")
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"cannot read manifest file {path}: {exc}") from exc
-        return cls.from_json(text, source=str(path), coordinator_key=coordinator_key)
+            with path.open("rb") as fh:
+                data = fh.read(MAX_MANIFEST_BYTES + 1)
+        except OSError as exc:
+            raise ManifestError(f"cannot read manifest file {path}: {exc.strerror or exc}") from exc
+        return cls.from_bytes(data, source=str(path), coordinator_key=coordinator_key)
 
 
 def check_successor(old: Manifest, new: Manifest) -> None:

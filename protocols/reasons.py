@@ -38,3 +38,5 @@ class RejectReason(enum.StrEnum):
     """NaN or infinite values."""
     EXAMPLE_COUNT = "example_count"
     """The example count is zero, negative or above the member's declared maximum."""
+    BELOW_QUALITY_FLOOR = "below_quality_floor"
+    """A valid update whose quality, measured on the coordinator's held-out data, is worse than the policy's floor."""

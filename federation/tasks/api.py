@@ -257,11 +257,41 @@ def _import(reference: str) -> object:
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise TaskError(f"task {reference!r}: expected 'package.module:attribute' with both parts")
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        dotted = module_name.removesuffix(".py").replace("\\", ".").replace("/", ".").strip(".")
+        raise TaskError(
+            f"task {reference!r}: {module_name!r} is a file path; give it as an import path, "
+            f"e.g. '{dotted}:{attr}' (run weft from the folder that holds it)"
+        )
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as exc:  # the task file (or a module it imports) does not parse
+        where = f"{exc.filename}, line {exc.lineno}" if exc.filename else f"module {module_name!r}"
+        raise TaskError(
+            f"task {reference!r}: syntax error in {where}: {exc.msg}; fix that line of the task file"
+        ) from exc
     except ImportError as exc:
         raise TaskError(f"task {reference!r}: cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # the task module raised while it was imported
+        file, line = _raising_module(exc)
+        where = f"{file}, line {line}" if file else f"module {module_name!r}"
+        detail = " ".join(str(exc).split()) or "(no message)"
+        raise TaskError(
+            f"task {reference!r}: importing it raised {type(exc).__name__} in {where}: {detail}; "
+            f"fix the task file (`python -c 'import {module_name}'` shows the traceback)"
+        ) from exc
     target = getattr(module, attr, None)
     if target is None:
         raise TaskError(f"task {reference!r}: module {module_name!r} has no attribute {attr!r}")
     return target
+
+
+def _raising_module(exc: BaseException) -> tuple[str | None, int | None]:
+    """(file, line) of the outermost module body in `exc`'s traceback: the module being imported, where it failed."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "<module>" and not code.co_filename.startswith("<"):
+            return code.co_filename, tb.tb_lineno
+        tb = tb.tb_next
+    return None, None

@@ -92,7 +92,8 @@ def test_readme_output_table_matches_the_files_a_run_writes(runs: dict[str, Path
         for name in row.split("|")[1].replace("`", "").split(","):
             documented.add(name.strip().split("/")[0])
     written = {p.name for p in runs["again"].iterdir()}
-    assert documented == written, (documented, written)
+    only_sometimes = {"state"}  # written only by a server optimizer with state (--server-optimizer nesterov)
+    assert written <= documented and documented - only_sometimes <= written, (documented, written)
 
 
 def test_personalization_keeps_each_nodes_model_and_records_before_and_after(runs: dict[str, Path]) -> None:

@@ -1,23 +1,29 @@
-"""coordinator.aggregate.FedAvg, checked against hand-computed values, and canonical fold order."""
+"""protocols.aggregation: FedAvg through `aggregate_round`, against hand-computed values, and canonical order."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from coordinator.aggregate import FedAvg
 from coordinator.spool import UpdateSpool
-from protocols import ArraySpec, SignedBlob, params_digest, structure
+from protocols import SignedBlob, params_digest, structure
+from protocols.aggregation import FedAvg, InMemory, RoundInput, aggregate_round, cast_to_template, weighted_mean
+from protocols.policy import ContributionPolicy
 
 SIGNED = SignedBlob(b"envelope bytes", b"signature bytes")  # the spool keeps them beside the arrays
 
 
 def fedavg(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
-    agg = FedAvg()
-    agg.begin(structure(updates[0][0]))
-    for arrays, weight in updates:
-        agg.fold(arrays, weight)
-    return agg.finish()
+    template = structure(updates[0][0])
+    inputs = [RoundInput(f"{i:016x}", params_digest(a), w, InMemory(a)) for i, (a, w) in enumerate(updates)]
+    return aggregate_round(template, updates[0][0], inputs, ContributionPolicy(), FedAvg()).arrays
+
+
+def in_order(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    """FedAvg in exactly the order given (no canonical sort)."""
+    names = sorted(updates[0][0])
+    mean = weighted_mean(names, [InMemory(a) for a, _ in updates], [float(w) for _, w in updates])
+    return cast_to_template(mean, structure(updates[0][0]))
 
 
 def test_weighted_mean_by_hand() -> None:
@@ -62,30 +68,14 @@ def test_int64_arrays_are_rounded_to_nearest() -> None:
     np.testing.assert_array_equal(out["n"], np.array([[1, 1, 2], [3, 3, -1]], dtype=np.int64))
 
 
-def test_finish_without_any_fold_raises() -> None:
-    agg = FedAvg()
-    agg.begin({"w": ArraySpec("float32", (2, 3))})
+def test_no_update_raises() -> None:
     with pytest.raises(ValueError, match="no update"):
-        agg.finish()
+        aggregate_round({"w": structure({"w": np.ones(3)})["w"]}, {"w": np.ones(3)}, [], ContributionPolicy(), FedAvg())
 
 
-@pytest.mark.parametrize("weight", [0, -1])
-def test_weight_below_one_raises(weight: int) -> None:
-    agg = FedAvg()
-    agg.begin({"w": ArraySpec("float64", (2, 3))})
-    with pytest.raises(ValueError, match="weight"):
-        agg.fold({"w": np.ones((2, 3))}, weight)
-    assert agg.total_weight == 0
-
-
-def test_begin_resets_the_accumulator() -> None:
-    agg = FedAvg()
-    agg.begin({"w": ArraySpec("float64", (2, 3))})
-    agg.fold({"w": np.full((2, 3), 100.0)}, 5)
-    agg.begin({"w": ArraySpec("float64", (2, 3))})
-    agg.fold({"w": np.full((2, 3), 1.0)}, 1)
-    assert agg.total_weight == 1
-    np.testing.assert_array_equal(agg.finish()["w"], np.ones((2, 3)))
+def test_shares_that_sum_to_zero_raise() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        weighted_mean(["w"], [InMemory({"w": np.ones(3)})], [0.0])
 
 
 # Three updates whose float64 sum depends on the order they are added in:
@@ -98,10 +88,10 @@ UPDATES = {
 }
 
 
-def test_fold_order_matters_without_the_spool() -> None:
+def test_fold_order_matters_without_the_canonical_order() -> None:
     # Guards the next test: if order never mattered, byte-identity would prove nothing.
-    forward = fedavg([(UPDATES[m], 1) for m in ("m1", "m2", "m3")])
-    other = fedavg([(UPDATES[m], 1) for m in ("m1", "m3", "m2")])
+    forward = in_order([(UPDATES[m], 1) for m in ("m1", "m2", "m3")])
+    other = in_order([(UPDATES[m], 1) for m in ("m1", "m3", "m2")])
     assert forward["w"].tobytes() != other["w"].tobytes()
 
 
@@ -111,11 +101,8 @@ def test_spool_order_makes_the_aggregate_byte_identical(tmp_path, arrival) -> No
         spool = UpdateSpool(directory)
         for member in order:
             spool.put(member * 8, params_digest(UPDATES[member]), 1, UPDATES[member], SIGNED)
-        agg = FedAvg()
-        agg.begin(structure(UPDATES["m1"]))
-        for entry in spool.in_order():
-            agg.fold(entry.load(), entry.weight)
-        return agg.finish()
+        base = UPDATES["m1"]
+        return aggregate_round(structure(base), base, spool.inputs(), ContributionPolicy(), FedAvg()).arrays
 
     reference = aggregate(("m2", "m1", "m3"), tmp_path / "reference")
     result = aggregate(arrival, tmp_path / "arrival")
@@ -128,8 +115,8 @@ def test_spool_order_makes_the_aggregate_byte_identical(tmp_path, arrival) -> No
 def test_spool_round_trips_arrays_and_weights(tmp_path) -> None:
     spool = UpdateSpool(tmp_path / "updates")
     spool.put("m2" * 8, params_digest(UPDATES["m2"]), 7, UPDATES["m2"], SIGNED)
-    (entry,) = spool.in_order()
-    assert entry.weight == 7
+    (entry,) = spool.entries()
+    assert entry.num_examples == 7
     assert entry.member_id == "m2" * 8
     loaded = entry.load()
     assert params_digest(loaded) == params_digest(UPDATES["m2"])
@@ -140,7 +127,7 @@ def test_spool_keeps_the_signed_envelope_beside_the_arrays(tmp_path) -> None:
 
     spool = UpdateSpool(tmp_path / "updates")
     spool.put("m2" * 8, params_digest(UPDATES["m2"]), 7, UPDATES["m2"], SIGNED)
-    (entry,) = spool.in_order()
+    (entry,) = spool.entries()
     stored = load_npz(entry.path)
     assert stored["__weft__.envelope"].tobytes() == b"envelope bytes"
     assert stored["__weft__.signature"].tobytes() == b"signature bytes"
@@ -149,9 +136,6 @@ def test_spool_keeps_the_signed_envelope_beside_the_arrays(tmp_path) -> None:
 
 def test_an_overflowing_aggregate_is_refused_not_signed() -> None:
     # Two finite float64 updates whose weighted sum overflows: the aggregate must not be produced.
-    agg = FedAvg()
-    agg.begin({"w": ArraySpec("float64", (1,))})
-    agg.fold({"w": np.array([1e308])}, 3)
-    agg.fold({"w": np.array([1e308])}, 3)
+    big = {"w": np.array([1e308])}
     with pytest.raises(ValueError, match="aggregate of 'w' is not finite"):
-        agg.finish()
+        in_order([(big, 3), (big, 3)])

@@ -25,7 +25,7 @@ from protocols import (
 
 COORDINATOR = SigningKey.from_seed(bytes([1]) * 32)
 OTHER = SigningKey.from_seed(bytes([7]) * 32)
-KINDS = "tamper, unsigned, nonmember, replay, nan, shape, inflate"
+KINDS = "tamper, unsigned, nonmember, replay, nan, shape, inflate, signflip, scale, die"
 
 
 # ---- keygen --------------------------------------------------------------------------------------------------

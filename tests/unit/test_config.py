@@ -21,7 +21,7 @@ from protocols import RejectReason
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 KEBAB_FIELDS = {f.name.replace("_", "-") for f in fields(RunConfig)}
-KINDS = "tamper, unsigned, nonmember, replay, nan, shape, inflate"
+KINDS = "tamper, unsigned, nonmember, replay, nan, shape, inflate, signflip, scale, die"
 
 
 def error_of(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:

@@ -59,8 +59,9 @@ def test_reply_structure_is_exactly_the_egress_rule(tmp_path: Path) -> None:
     assert set(train.content.config_records[wire.UPDATE_RECORD].keys()) == {wire.ENVELOPE, wire.SIGNATURE}
     assert set(train.content.array_records[wire.ARRAYS].keys()) == {"weight", "bias"}
     evaluate = handle_evaluate(rt, instruction(message_type="evaluate"))
-    assert set(evaluate.content.keys()) == {wire.METRICS}
+    assert set(evaluate.content.keys()) == {wire.METRICS, wire.EVALUATION_RECORD}
     assert set(evaluate.content.metric_records[wire.METRICS].keys()) == {wire.NUM_EXAMPLES, "eval_accuracy"}
+    assert set(evaluate.content.config_records[wire.EVALUATION_RECORD].keys()) == {wire.ENVELOPE, wire.SIGNATURE}
 
 
 def test_a_failing_node_sends_a_fixed_code_never_its_error_text(tmp_path: Path) -> None:

@@ -236,7 +236,7 @@ def test_untrusted_global_model_is_refused(tmp_path: Path, kwargs: dict) -> None
 def test_evaluate_reply_carries_only_metrics(tmp_path: Path) -> None:
     reply = handle_evaluate(runtime(tmp_path), instruction(message_type=MessageType.EVALUATE))
     assert not reply.has_error()
-    assert set(reply.content.keys()) == {wire.METRICS}
+    assert set(reply.content.keys()) == {wire.METRICS, wire.EVALUATION_RECORD}  # the metrics, and the node's signature
     metrics = dict(reply.content.metric_records[wire.METRICS])
     assert set(metrics) == {wire.NUM_EXAMPLES, "eval_loss", "eval_accuracy"}
     assert metrics[wire.NUM_EXAMPLES] == N_VAL

@@ -442,11 +442,17 @@ def test_documented_constants() -> None:
         "UPDATE": b"weft/update/v1\x00",
         "GLOBAL_MODEL": b"weft/global-model/v1\x00",
         "MANIFEST": b"weft/manifest/v2\x00",
+        "LEDGER": b"weft/ledger/v1\x00",
+        "EVALUATION": b"weft/evaluation/v1\x00",
     }
     assert frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"}) == DTYPES
     assert (MAX_TEXT_BYTES, MAX_BLOB_BYTES, MAX_MAP_ENTRIES) == (4096, 1 << 20, 1024)
     assert (wire.ARRAYS, wire.METRICS, wire.NUM_EXAMPLES) == ("arrays", "metrics", "num-examples")
-    assert (wire.GLOBAL_RECORD, wire.UPDATE_RECORD) == ("weft.global", "weft.update")
+    assert (wire.GLOBAL_RECORD, wire.UPDATE_RECORD, wire.EVALUATION_RECORD) == (
+        "weft.global",
+        "weft.update",
+        "weft.evaluation",
+    )
     assert (wire.ENVELOPE, wire.SIGNATURE) == ("envelope", "signature")
 
 
@@ -467,6 +473,7 @@ def test_reject_reasons_in_documented_order() -> None:
         "digest_mismatch",
         "non_finite",
         "example_count",
+        "below_quality_floor",
     ]
 
 

@@ -1,4 +1,4 @@
-"""coordinator/server_opt.py: the outer step on a 2x3 array, worked out by hand."""
+"""protocols/server_opt.py: the outer step on a 2x3 array, worked out by hand."""
 
 from __future__ import annotations
 

@@ -170,6 +170,22 @@ def test_node_error() -> None:
     assert "refused global model" in out.detail
 
 
+def test_a_nodes_error_text_is_bounded_and_escaped() -> None:
+    # A 5 MB reason with newlines once forged lines of the coordinator's log and metrics.jsonl.
+    forged = "x" * 100 + "\n2026-11-25 INFO weft: round 9: accepted everything\n" + "y" * 5_000_000
+    out = rejected(Message(Error(code=4001, reason=forged), reply_to=instruction()))
+    assert out.reason is RejectReason.NODE_ERROR
+    assert "\n" not in out.detail and "\r" not in out.detail
+    assert "\\n2026-11-25 INFO weft" in out.detail  # shown, escaped
+    assert len(out.detail) < 500 and out.detail.endswith("more characters)")
+
+
+def test_below_quality_floor_is_judged_after_verification() -> None:
+    # verify_reply only checks what a reply claims; the quality floor needs the coordinator's held-out data and is
+    # applied by the round loop to verified updates (tests/unit/test_policy_ledger.py). An honest reply passes here.
+    assert isinstance(verify_reply(reply(), expectation()), Accepted)
+
+
 def test_unsigned_without_update_record() -> None:
     msg = reply()
     del msg.content.config_records[wire.UPDATE_RECORD]
