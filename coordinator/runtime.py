@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from protocols.policy import ContributionPolicy
 
 from coordinator.verify import Accepted, Rejected
 from protocols import ID_PATTERN, ConfigValue, Manifest, SigningKey
 from protocols.aggregation import FedAvg, Rule
+from protocols.policy import ContributionPolicy
 from protocols.server_opt import Plain, ServerOptimizer
 
 
