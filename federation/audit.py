@@ -34,7 +34,14 @@ def _verify(args: argparse.Namespace) -> int:
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir: {run_dir} is not a folder; give a run's output folder")
     key = load_public_key(Path(args.coordinator_key)) if args.coordinator_key else None
-    verdict = verify_run(run_dir, key)
+
+    def shown(round_: int) -> None:  # the audit of a long run takes a while: say where it is
+        if sys.stderr.isatty():
+            print(f"\rweft audit verify: round {round_} checked", end="", file=sys.stderr, flush=True)
+
+    verdict = verify_run(run_dir, key, progress=shown)
+    if sys.stderr.isatty() and verdict.rounds:
+        print(file=sys.stderr)
     for note in verdict.notes:
         print(f"note: {note}", file=sys.stderr)
     if verdict.ok:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,11 +65,16 @@ class _Stop(Exception):
     """A problem after which nothing further can be checked."""
 
 
-def verify_run(run_dir: Path, coordinator_key: PublicKey | None = None) -> Verdict:
-    """Audit the record in `run_dir`; with `coordinator_key`, the ledger must be signed by exactly that key."""
+def verify_run(
+    run_dir: Path, coordinator_key: PublicKey | None = None, progress: Callable[[int], None] | None = None
+) -> Verdict:
+    """Audit the record in `run_dir`; with `coordinator_key`, the ledger must be signed by exactly that key.
+
+    `progress`, when given, is called with each round number once that round has been checked.
+    """
     verdict = Verdict(run_dir)
     try:
-        _Audit(run_dir, coordinator_key, verdict).run()
+        _Audit(run_dir, coordinator_key, verdict, progress).run()
     except _Stop as exc:
         verdict.problems.append(str(exc))
     except Exception as exc:  # a record malformed in a way no check names: still a verdict, never a crash
@@ -78,8 +83,10 @@ def verify_run(run_dir: Path, coordinator_key: PublicKey | None = None) -> Verdi
 
 
 class _Audit:
-    def __init__(self, run_dir: Path, pinned: PublicKey | None, verdict: Verdict) -> None:
-        self.dir, self.pinned, self.v = run_dir, pinned, verdict
+    def __init__(
+        self, run_dir: Path, pinned: PublicKey | None, verdict: Verdict, progress: Callable[[int], None] | None
+    ) -> None:
+        self.dir, self.pinned, self.v, self.progress = run_dir, pinned, verdict, progress
         self.manifests: dict[int, Manifest] = {}
         self.last: tuple[int, str, Manifest | None] = (0, "", None)
         """(round, global digest, manifest in force) of the last committed round."""
@@ -124,6 +131,8 @@ class _Audit:
                 base = after
                 expected += 1
                 self.v.rounds = rnd
+                if self.progress is not None:
+                    self.progress(rnd)
             elif entry.kind == "evaluation":
                 rnd, digest, manifest = self.last
                 if entry.body.get("round") != rnd or entry.body.get("model_digest") != digest:

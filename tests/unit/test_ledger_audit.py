@@ -121,6 +121,12 @@ def test_an_honest_run_verifies_and_every_aggregate_is_recomputed(run_dir: Path)
     )
 
 
+def test_the_audit_reports_its_progress_round_by_round(run_dir: Path) -> None:
+    seen: list[int] = []
+    assert verify_run(run_dir, COORDINATOR.public_key, progress=seen.append).ok
+    assert seen == [1, 2, 3]
+
+
 def test_the_cli_says_ok_and_exits_0(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["audit", "verify", str(run_dir)]) == 0
     out = capsys.readouterr()
