@@ -11,8 +11,6 @@ federated accuracy infinite).
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,12 +27,8 @@ from protocols import (
     SignedBlob,
     wire,
 )
+from protocols.evaluation import federated_means, metric_problem
 from protocols.text import printable
-
-METRIC_NAME = re.compile(r"(eval|personal)_[a-z0-9_]{1,48}")
-"""The only names an evaluation reply may carry."""
-MAX_ABS_METRIC = 1e9
-"""No evaluation metric of a weft task comes near this; anything beyond it is refused."""
 
 
 class _Refused(Exception):
@@ -80,12 +74,9 @@ def check_evaluation(
     if env.num_examples < 1:
         raise _Refused("no examples")
     for name, value in env.metrics.items():
-        if not METRIC_NAME.fullmatch(name):
-            raise _Refused(f"metric name {printable(name, 60)!r} is not allowed")
-        if not math.isfinite(value) or abs(value) > MAX_ABS_METRIC:
-            raise _Refused(f"metric {name} = {value!r} is out of bounds")
-        if name.endswith("accuracy") and not 0.0 <= value <= 1.0:
-            raise _Refused(f"metric {name} = {value!r} is not in [0, 1]")
+        problem = metric_problem(name, value)
+        if problem:
+            raise _Refused(problem)
     return env, SignedBlob(body, signature)
 
 
@@ -121,23 +112,12 @@ def collect_evaluations(
             "envelope": blob.body.hex(), "signature": blob.signature.hex(),
         })  # fmt: skip
     records.sort(key=lambda r: (str(r.get("member")), r["node"]))
-    return federated_means(records), records
+    return federated_means(counted(records)), records
 
 
-def federated_means(records: list[dict[str, Any]]) -> dict[str, float]:
-    """The weighted mean of each metric over the counted evaluations, summed in the records' (sorted) order.
-
-    The same arithmetic in the same order as `protocols.audit`, so an auditor gets the very same floats.
-    """
-    sums: dict[str, float] = {}
-    totals: dict[str, int] = {}
-    for r in records:
-        if "refused" in r or r["weight"] < 1:
-            continue
-        for name, value in r["metrics"].items():  # each metric over the nodes that reported it
-            sums[name] = sums.get(name, 0.0) + float(value) * r["weight"]
-            totals[name] = totals.get(name, 0) + r["weight"]
-    return {name: value / totals[name] for name, value in sums.items()}
+def counted(records: list[dict[str, Any]]) -> list[tuple[int, dict[str, float]]]:
+    """(weight, metrics) of the counted evaluation records, in their order."""
+    return [(r["weight"], r["metrics"]) for r in records if "refused" not in r]
 
 
 def _checked(

@@ -18,7 +18,6 @@ Pure Python + numpy + cryptography: it runs without flwr or torch. Specified in 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from protocols.aggregation import RoundInput, aggregate_round
 from protocols.digest import params_digest, structure
 from protocols.envelope import EvaluationEnvelope, UpdateEnvelope
 from protocols.errors import ProtocolError
+from protocols.evaluation import federated_means, metric_problem
 from protocols.identity import Domain, PublicKey
 from protocols.ledger import LEDGER_FILE, LedgerEntry, read_ledger, verify_chain
 from protocols.manifest import Manifest
@@ -38,9 +38,6 @@ from protocols.reasons import RejectReason
 from protocols.server_opt import ServerOptimizer, optimizer_from_description
 from protocols.stored import StoredUpdate
 from protocols.text import printable
-
-_EVAL_NAME = re.compile(r"(eval|personal)_[a-z0-9_]{1,48}")
-"""The evaluation metric names a coordinator may count (coordinator/evaluation.py, METRIC_NAME)."""
 
 
 @dataclass
@@ -336,8 +333,7 @@ class _Audit:
 
     def _evaluations(self, body: Mapping[str, Any], rnd: int, manifest: Manifest | None) -> None:
         """Re-check every counted evaluation as the coordinator had to, and recompute the federated means."""
-        sums: dict[str, float] = {}
-        totals: dict[str, int] = {}
+        counted: list[tuple[int, Mapping[str, float]]] = []
         for e in body.get("evaluations", []):
             if "refused" in e:
                 continue
@@ -361,20 +357,13 @@ class _Audit:
             if env.round != rnd or env.model_digest.hex() != body.get("model_digest"):
                 self.problem(f"{who}: it evaluated another model than round {rnd}'s")
             for name, value in env.metrics.items():
-                if (
-                    not _EVAL_NAME.fullmatch(name)
-                    or not abs(value) <= 1e9
-                    or (name.endswith("accuracy") and not 0.0 <= value <= 1.0)
-                ):
-                    self.problem(f"{who}: metric {name[:60]} = {value!r} should never have counted")
+                problem = metric_problem(name, value)
+                if problem:
+                    self.problem(f"{who}: {problem}; it should never have counted")
             weight = min(env.num_examples, member.max_examples)
             if weight != e.get("weight") or dict(env.metrics) != e.get("metrics"):
                 self.problem(f"{who}: the recorded weight or metrics differ from the signed ones")
-            if weight < 1:
-                continue
-            for name, value in env.metrics.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * weight
-                totals[name] = totals.get(name, 0) + weight
-        means = {name: value / totals[name] for name, value in sums.items()}
+            counted.append((weight, env.metrics))
+        means = federated_means(counted)
         if body.get("evaluations") is not None and means != body.get("federated", {}):
             self.problem(f"round {rnd}: the federated metrics are not the mean of the signed evaluations")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Error, Message
 
-from coordinator.evaluation import _Refused, check_evaluation, federated_means
+from coordinator.evaluation import _Refused, check_evaluation, counted, federated_means
 from coordinator.record import finite_json
 from node.egress import evaluate_reply
 from protocols import EvaluationEnvelope, SignedBlob, sign_evaluation, wire
@@ -112,7 +112,7 @@ def test_the_federated_mean_caps_weights_and_averages_each_metric_over_who_repor
         {"member": "b", "node": 2, "weight": 30, "metrics": {"eval_accuracy": 0.9}},
         {"member": "c", "node": 3, "refused": "metric eval_accuracy = 1e+308 is out of bounds"},
     ]
-    assert federated_means(records) == {"eval_accuracy": (0.5 * 10 + 0.9 * 30) / 40, "eval_loss": 2.0}
+    assert federated_means(counted(records)) == {"eval_accuracy": (0.5 * 10 + 0.9 * 30) / 40, "eval_loss": 2.0}
 
 
 def test_records_are_strict_json() -> None:
