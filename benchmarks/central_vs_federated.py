@@ -436,13 +436,11 @@ def make_base(model_dir: Path, seed: int) -> dict[str, Any]:
 
 def update_bytes(run_dir: Path) -> dict[str, Any]:
     """Bytes of the accepted signed updates per round and node: their arrays, and their files on disk."""
-    from protocols.modelfile import RESERVED_PREFIX
-    from protocols.npz import load_npz
+    from protocols.stored import StoredUpdate
 
     arrays, files = [], []
-    for path in sorted((run_dir / "rounds").glob("*/updates/*.npz")):
-        entries = load_npz(path)
-        arrays.append(sum(a.nbytes for name, a in entries.items() if not name.startswith(RESERVED_PREFIX)))
+    for path in sorted((run_dir / "rounds").glob("*/updates/*.update")):
+        arrays.append(sum(a.nbytes for a in StoredUpdate(path).arrays().values()))
         files.append(path.stat().st_size)
     if not arrays:
         raise SystemExit(f"{run_dir}: no accepted update on disk")

@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from coordinator.messaging import collect
+from coordinator.messaging import EVALUATION_REPLY_BYTES, collect
 from protocols import (
     DecodeError,
     Domain,
@@ -100,7 +100,8 @@ def collect_evaluations(
         "model_digest": model_digest,
     }
     records: list[dict[str, Any]] = []
-    for reply, outcome in _checked(collect(grid, instructions, timeout_s), members, manifest, binding):
+    replies = collect(grid, instructions, timeout_s, EVALUATION_REPLY_BYTES)
+    for reply, outcome in _checked(replies, members, manifest, binding):
         node = reply.metadata.src_node_id
         if isinstance(outcome, str):
             records.append({"node": node, "member": members.get(node), "refused": outcome})

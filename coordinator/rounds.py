@@ -6,6 +6,11 @@ straight to disk and leaves memory), apply the contribution policy and the aggre
 through the one record sink (coordinator.record), whose ledger record is the commit point. A round that
 ends with fewer accepted updates than the quorum fails loudly (`QuorumNotReached`) and produces no model.
 
+Each round asks a sample of the connected nodes (`sample_nodes`: `max(min_train_nodes, ceil(fraction_train *
+connected))` of them, drawn from the run id and the round over the sorted node ids, so the same nodes give the
+same sample); with `fraction_train` 1 every connected node is asked and the quorum counts the manifest's active
+members, otherwise it counts the nodes asked (`round_quorum`).
+
 A coordinator killed at any point resumes from its last committed round (`resume`): the nodes retrain that
 round from the same signed model with the same seeds, so the resumed run ends with the same model bytes.
 """
@@ -15,11 +20,12 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import math
 import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +34,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from coordinator.evaluation import check_evaluation, collect_evaluations
+from coordinator.messaging import EVALUATION_REPLY_BYTES
 from coordinator.messaging import collect as _collect
 from coordinator.messaging import instructions as _instructions
 from coordinator.record import FINAL_MODEL, RecordError, RunRecord
@@ -46,6 +53,7 @@ from protocols import (
     wire,
 )
 from protocols.aggregation import RoundAggregate, aggregate_round
+from protocols.payload import WEIGHTS, Decoded, decode
 from protocols.policy import below_floor
 
 log = logging.getLogger("weft.coordinator")
@@ -86,6 +94,38 @@ class RunState:
     """{node id: member id} of the last round's contributors (asked to personalize at the end)."""
 
 
+def sample_size(connected: int, fraction: float, minimum: int) -> int:
+    """How many of `connected` nodes a round asks: `max(minimum, ceil(fraction * connected))`, at most all."""
+    wanted = math.ceil(round(fraction * connected, 9))  # 0.05 * 1000 is 50.000000000000004 in binary
+    return min(connected, max(minimum, wanted))
+
+
+def sample_nodes(node_ids: Sequence[int], fraction: float, minimum: int, run_id: str, round_: int) -> list[int]:
+    """The sorted ids of the nodes asked to train in round `round_`: a pure function of its arguments.
+
+    The draw is seeded by SHA-256 of (run id, round), so a run (and its resume, which keeps the run id)
+    asks the same nodes in the same round when the same node ids are connected.
+    """
+    ids = sorted(node_ids)
+    k = sample_size(len(ids), fraction, minimum)
+    if k >= len(ids):
+        return ids
+    seed = hashlib.sha256(f"weft-sample/v1/{run_id}/{round_}".encode()).digest()
+    rng = np.random.default_rng(np.frombuffer(seed, dtype=np.uint32))
+    return sorted(ids[i] for i in rng.choice(len(ids), size=k, replace=False))
+
+
+def round_quorum(settings: Any, active_members: int, asked: int) -> int:
+    """Accepted updates a round that asked `asked` nodes needs.
+
+    Without sampling (`fraction_train` 1) it is `quorum` of the manifest's active members, as always; with
+    sampling it is `quorum` of the nodes asked (at least 1): a sampled round could never reach the former.
+    """
+    if settings.fraction_train >= 1:
+        return int(settings.min_accepted(active_members))
+    return max(1, math.ceil(round(settings.quorum * asked, 9)))
+
+
 def run_federation(grid: Grid, rt: CoordinatorRuntime) -> RunResult:
     """Run (or, with `settings.resume`, continue) every round of `rt.settings`; return the summary."""
     coordinator = Coordinator(grid, rt)
@@ -106,8 +146,15 @@ class Coordinator:
 
     @property
     def need(self) -> int:
-        """Accepted updates a round needs (suspended and revoked members do not count)."""
+        """Accepted updates a round without sampling needs (suspended and revoked members do not count)."""
         return self.rt.settings.min_accepted(len(self.rt.manifest.active))
+
+    @property
+    def wait_for(self) -> int:
+        """Connected nodes round 1 waits for: the quorum of active members, and at least `min_train_nodes`
+        (never more than the active members)."""
+        s = self.rt.settings
+        return min(max(1, len(self.rt.manifest.active)), max(self.need, s.min_train_nodes))
 
     # ---- beginning -----------------------------------------------------------------------------------
 
@@ -135,7 +182,8 @@ class Coordinator:
                 f"{s.out_dir}: the record is of another federation or task; resume with the same settings"
             )
         mine = self._start_fields(opened.arrays)
-        for name in ("rule", "policy", "server_optimizer"):
+        start = {"payload": WEIGHTS, **start}  # runs recorded before payloads existed sent weights
+        for name in ("rule", "policy", "server_optimizer", "payload"):
             if start.get(name) != mine[name]:
                 raise RecordError(
                     f"{name}: the run was started with {start.get(name)}, this resume asks for {mine[name]}; "
@@ -162,11 +210,15 @@ class Coordinator:
         s, rt, record = self.rt.settings, self.rt, self._record()
         rnd = state.round + 1
         round_start = time.monotonic()
-        node_ids = sorted(self.grid.get_node_ids())
+        connected = sorted(self.grid.get_node_ids())
+        node_ids = sample_nodes(connected, s.fraction_train, s.min_train_nodes, s.run_id, rnd)
+        active = len(rt.manifest.active)
+        need = round_quorum(s, active, len(node_ids))
         rt.observer.round_started(rnd, len(node_ids))
         base_digest = params_digest(state.arrays)
         manifest_file = self._guard(lambda: record.save_manifest(rt.manifest))
-        expect = Expectation(s.federation_id, s.run_id, rnd, base_digest, self.template, rt.manifest)
+        expect = Expectation(s.federation_id, s.run_id, rnd, base_digest, self.template, rt.manifest, s.payload,
+                             state.arrays)  # fmt: skip
         spool = UpdateSpool(record.updates_dir(rnd))
         instructions = _instructions(node_ids, MessageType.TRAIN, state.arrays, state.signed)
 
@@ -175,11 +227,12 @@ class Coordinator:
         _point("gathered")
 
         # ---- quorum: never produce a model from too few updates ----------------------------------------
-        if len(spool) < self.need:
+        if len(spool) < need:
             reasons = ", ".join(f"{r}={n}" for r, n in sorted(Counter(str(x.reason) for x in rejected).items()))
+            of = f"{active} active members" if s.fraction_train >= 1 else f"{len(node_ids)} nodes asked"
             error = (
-                f"round {rnd}: accepted {len(spool)} update(s), quorum is {self.need} "
-                f"({s.quorum:.0%} of {len(rt.manifest.active)} active members); rejected {len(rejected)}"
+                f"round {rnd}: accepted {len(spool)} update(s), quorum is {need} "
+                f"({s.quorum:.0%} of {of}); rejected {len(rejected)}"
                 f"{f' ({reasons})' if reasons else ''}, no reply from {len(node_ids) - replied}"
             )
             self._guard(lambda: record.fail_round(rnd, error, rt.manifest.version))
@@ -188,7 +241,10 @@ class Coordinator:
             raise QuorumNotReached(error)
 
         # ---- policy and rule, in canonical order; the server optimizer; sign -----------------------------
-        agg = aggregate_round(self.template, state.arrays, spool.inputs(), rt.policy, rt.rule)
+        inputs = self._guard(spool.inputs)
+        if s.payload != WEIGHTS:  # compressed updates are aggregated as the weights they decode to
+            inputs = [replace(i, source=Decoded(i.source, state.arrays, self.template, s.payload)) for i in inputs]
+        agg = aggregate_round(self.template, state.arrays, inputs, rt.policy, rt.rule)
         _point("aggregated")
         arrays = rt.server_optimizer.step(state.arrays, agg.arrays)
         signed = self._sign(rnd, arrays)
@@ -211,6 +267,7 @@ class Coordinator:
             duration_s=0.0,
         )
         fields = self._round_fields(report, agg, spool, rejected, base_digest, manifest_file)
+        fields["connected"] = len(connected)
         self._guard(lambda: record.commit_round(rnd, arrays, signed, rt.server_optimizer.state(), fields))
         _point("committed")
 
@@ -267,11 +324,13 @@ class Coordinator:
         caps: dict[int, int] = {}
         members: dict[int, str] = {}
         measure = policy.weighting == "quality" or policy.quality_floor is not None
-        for reply in _collect(self.grid, instructions, rt.settings.round_timeout_s):
+        # while no reply is waiting, the spool makes the updates stored so far durable (fsync), so little is
+        # left to sync on the round's critical path when the last one arrives
+        for reply in _collect(self.grid, instructions, rt.settings.round_timeout_s, idle=spool.sync):
             replied += 1
             outcome = verify_reply(reply, expect)
             if isinstance(outcome, Accepted):
-                outcome = self._admit(outcome, spool, measure, caps, members)
+                outcome = self._admit(outcome, spool, measure, caps, members, expect)
             if isinstance(outcome, Rejected):
                 log.warning("round %d: rejected node %s: %s (%s)", expect.round, outcome.node_id, outcome.reason,
                             outcome.detail)  # fmt: skip
@@ -284,7 +343,13 @@ class Coordinator:
         return rejected, replied, caps, members
 
     def _admit(
-        self, ok: Accepted, spool: UpdateSpool, measure: bool, caps: dict[int, int], members: dict[int, str]
+        self,
+        ok: Accepted,
+        spool: UpdateSpool,
+        measure: bool,
+        caps: dict[int, int],
+        members: dict[int, str],
+        expect: Expectation,
     ) -> Accepted | Rejected:
         """Apply the quality floor (when set); store an admitted update."""
         rt = self.rt
@@ -292,15 +357,18 @@ class Coordinator:
         if measure:
             if rt.central_eval is None:
                 raise RuntimeError("a quality policy needs held-out data at the coordinator")
-            value = rt.central_eval(ok.arrays).get(rt.settings.target_metric)
+            weights = ok.arrays
+            if expect.payload != WEIGHTS and expect.base is not None:  # the weights a compressed update stands for
+                weights = decode(ok.arrays, expect.base, self.template, expect.payload)
+            value = rt.central_eval(weights).get(rt.settings.target_metric)
             score = float(value) if value is not None else float("nan")
             if below_floor(rt.policy, score):
                 return Rejected(ok.node_id, RejectReason.BELOW_QUALITY_FLOOR,
                                 f"{rt.settings.target_metric} {score:.6g} is worse than the floor "
                                 f"{rt.policy.quality_floor:.6g}", ok.member_id)  # fmt: skip
         env = ok.envelope
+        # the spool writes it while the next reply is checked; its writer passes the crash point `stored`
         self._guard(lambda: spool.put(ok.member_id, env.update_digest, env.num_examples, ok.arrays, ok.signed, score))
-        _point("stored")
         member = rt.manifest.get(ok.member_id)
         caps[ok.node_id] = member.max_examples if member else 0
         members[ok.node_id] = ok.member_id
@@ -309,10 +377,10 @@ class Coordinator:
     def _wait_for_nodes(self, state: RunState) -> None:
         s = self.rt.settings
         deadline = time.monotonic() + s.node_wait_timeout_s
-        while len(list(self.grid.get_node_ids())) < self.need:
+        want = self.wait_for
+        while (have := len(list(self.grid.get_node_ids()))) < want:
             if time.monotonic() > deadline:
-                have = len(list(self.grid.get_node_ids()))
-                error = f"only {have} node(s) connected within {s.node_wait_timeout_s:.0f} s; quorum needs {self.need}"
+                error = f"only {have} node(s) connected within {s.node_wait_timeout_s:.0f} s; the run needs {want}"
                 self._summary(state, "failed", error=error)
                 raise NotEnoughNodes(error)
             time.sleep(0.5)
@@ -345,6 +413,7 @@ class Coordinator:
             "policy": rt.policy.describe(),
             "server_optimizer": rt.server_optimizer.describe(),
             "store_updates": s.store_updates,
+            "payload": s.payload,
             "config": dict(s.record_config),
         }
 
@@ -503,7 +572,8 @@ def _personalize(
     `personal_*` after the node's local fine-tuning (absent when the partner configured none).
     """
     out: list[dict[str, Any]] = []
-    for reply in _collect(grid, _instructions(sorted(members), MessageType.EVALUATE, arrays, signed), timeout_s):
+    messages = _instructions(sorted(members), MessageType.EVALUATE, arrays, signed)
+    for reply in _collect(grid, messages, timeout_s, EVALUATION_REPLY_BYTES):
         try:
             env, _ = check_evaluation(reply, members, manifest, binding)
         except Exception as exc:  # a refused or unverifiable reply is left out, and said so in the log

@@ -54,6 +54,12 @@ class CoordinatorSettings:
     """Continue the run recorded in `out_dir` from its last committed round instead of starting one."""
     store_updates: bool = True
     """Keep every accepted update in the record (so `weft audit verify` can recompute each aggregate)."""
+    fraction_train: float = 1.0
+    """Fraction of the connected nodes sampled to train each round (Flower's `fraction_train`)."""
+    min_train_nodes: int = 1
+    """Fewest nodes sampled to train in a round (all connected nodes when fewer are connected)."""
+    payload: str = "weights"
+    """What nodes send back (protocols.payload): an update with any other payload is rejected."""
 
     def __post_init__(self) -> None:
         if not ID_PATTERN.fullmatch(self.run_id) or not ID_PATTERN.fullmatch(self.federation_id):
@@ -64,6 +70,10 @@ class CoordinatorSettings:
             raise ValueError("quorum must be in (0, 1]")
         if self.round_timeout_s <= 0 or self.node_wait_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if not 0 < self.fraction_train <= 1:
+            raise ValueError("fraction_train must be in (0, 1]")
+        if self.min_train_nodes < 1:
+            raise ValueError("min_train_nodes must be >= 1")
 
     def instructions(self, round_: int) -> dict[str, ConfigValue]:
         """The config signed into the global model that round `round_` trains on."""

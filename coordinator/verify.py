@@ -27,6 +27,8 @@ from protocols import (
     structure,
     wire,
 )
+from protocols.aggregation import all_finite
+from protocols.payload import WEIGHTS, decode_array, wire_structure
 from protocols.text import printable
 
 
@@ -43,6 +45,11 @@ class Expectation:
     """Names, dtypes and shapes of the global model."""
     manifest: Manifest
     """The manifest in force: only its `active` members' updates are accepted."""
+    payload: str = WEIGHTS
+    """The payload kind the run asks for (protocols.payload); an update of another kind is malformed."""
+    base: Mapping[str, np.ndarray] | None = None
+    """The global model sent out this round: a compressed update must decode against it (needed unless
+    `payload` is `weights`)."""
     seen: set[str] = field(default_factory=set)
     """Members already accepted this round (a second update is a replay)."""
 
@@ -110,11 +117,16 @@ def _verify(msg: Message, expect: Expectation, node_id: int) -> Accepted:
             env.sender,
         )
     _check_binding(env, expect)
+    if env.payload != expect.payload:
+        raise _Reject(
+            RejectReason.MALFORMED, f"sent payload {env.payload!r}, this run asks for {expect.payload!r}", env.sender
+        )
     arrays = _arrays(msg, env.sender)
-    _check_structure(arrays, expect.template, env.sender)
+    _check_structure(arrays, wire_structure(expect.template, expect.payload), env.sender)
     if params_digest(arrays) != env.update_digest:
         raise _Reject(RejectReason.DIGEST_MISMATCH, "arrays differ from the signed digest", env.sender)
     _check_finite(arrays, env.sender)
+    _check_decodes(arrays, expect, env.sender)
     _check_count(env, member.max_examples)
     _check_metrics(msg, env)
     return Accepted(env.sender, node_id, env, arrays, SignedBlob(body, signature))
@@ -158,7 +170,7 @@ def _arrays(msg: Message, who: str) -> dict[str, np.ndarray]:
     if set(records.keys()) != {wire.ARRAYS}:
         raise _Reject(RejectReason.MALFORMED, f"expected one ArrayRecord {wire.ARRAYS!r}", who)
     try:
-        return from_record(records[wire.ARRAYS])
+        return from_record(records[wire.ARRAYS])  # read-only views of the received bytes (coordinator.arrays)
     except Exception as exc:  # any decoding failure of untrusted bytes is a malformed reply
         raise _Reject(RejectReason.MALFORMED, f"arrays cannot be decoded: {exc}", who) from exc
 
@@ -177,8 +189,21 @@ def _check_structure(arrays: Mapping[str, np.ndarray], template: Mapping[str, Ar
 
 def _check_finite(arrays: Mapping[str, np.ndarray], who: str) -> None:
     for name, array in arrays.items():
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
+        if not all_finite(array):
             raise _Reject(RejectReason.NON_FINITE, f"array {name!r} holds NaN or Inf", who)
+
+
+def _check_decodes(arrays: Mapping[str, np.ndarray], expect: Expectation, who: str) -> None:
+    """A compressed update must decode to finite weights against this round's base (one array at a time)."""
+    if expect.payload == WEIGHTS:
+        return
+    if expect.base is None:
+        raise RuntimeError("a compressed payload needs the round's base model in the Expectation")
+    for name in sorted(arrays):
+        try:
+            decode_array(arrays[name], expect.base[name], expect.template[name], expect.payload)
+        except ValueError as exc:
+            raise _Reject(RejectReason.MALFORMED, f"array {name!r} does not decode: {exc}", who) from exc
 
 
 def _check_count(env: UpdateEnvelope, max_examples: int) -> None:

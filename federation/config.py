@@ -56,7 +56,9 @@ def _field(default: Any, help: str) -> Any:
 
 
 LR_SCHEDULES = ("constant", "cosine")
-SERVER_OPTIMIZERS = ("fedavg", "nesterov")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "nesterov")
+PAYLOADS = ("weights", "delta-fp16", "delta-int8", "delta-int4")
+"""What a node sends: its weights, or its change to the global model in fp16, or int8/int4 codes scaled per block."""
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean", "krum")
 WEIGHTINGS = ("examples", "equal", "quality")
 PARTITIONS = ("auto", "iid", "dirichlet", "natural")
@@ -93,10 +95,20 @@ class RunConfig:
     lora_dropout: float = _field(0.0, "LoRA dropout")
     lora_targets: str = _field("", "comma-separated module names for LoRA (empty: peft's default)")
     server_optimizer: str = _field(
-        "fedavg", "how the aggregate moves the global model: fedavg, or nesterov (DiLoCo's outer step)"
+        "fedavg",
+        "how the aggregate moves the global model: fedavg, fedavgm (server momentum), fedadam, "
+        "or nesterov (DiLoCo's outer step)",
     )
-    server_learning_rate: float = _field(0.7, "outer learning rate of the nesterov server optimizer")
-    server_momentum: float = _field(0.9, "outer Nesterov momentum of the nesterov server optimizer")
+    server_learning_rate: float = _field(0.7, "outer learning rate of the fedavgm, fedadam and nesterov optimizers")
+    server_momentum: float = _field(0.9, "outer momentum (fedavgm, nesterov) or first-moment decay (fedadam)")
+    server_beta2: float = _field(0.99, "fedadam: second-moment decay")
+    server_epsilon: float = _field(1e-3, "fedadam: adaptivity floor tau (arXiv:2003.00295)")
+    fraction_train: float = _field(1.0, "fraction of the connected nodes asked to train each round (sampled)")
+    min_train_nodes: int = _field(2, "fewest nodes asked to train in a round, whatever fraction-train says")
+    payload: str = _field(
+        "weights", "what a node sends: weights, or its change as delta-fp16, delta-int8 or delta-int4 (signed)"
+    )
+    error_feedback: bool = _field(True, "delta-int8/int4: carry each node's rounding error into its next update")
     seed: int = _field(0, "seed of model init, data split and shuffling")
     quorum: float = _field(0.5, "fraction of manifest members whose accepted updates a round needs")
     round_timeout_s: float = _field(600.0, "how long a round waits for replies (s)")
@@ -136,6 +148,11 @@ class RunConfig:
         _require(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0,
                  "server-learning-rate", "must be > 0")  # fmt: skip
         _require(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
+        _require(0 <= self.server_beta2 < 1, "server-beta2", "must be in [0, 1)")
+        _require(math.isfinite(self.server_epsilon) and self.server_epsilon > 0, "server-epsilon", "must be > 0")
+        _require(0 < self.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
+        _require(self.min_train_nodes >= 1, "min-train-nodes", "must be >= 1")
+        _require(self.payload in PAYLOADS, "payload", f"must be one of {', '.join(PAYLOADS)}")
         _require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
         _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         _require(self.round_timeout_s > 0, "round-timeout-s", "must be > 0")
@@ -175,6 +192,8 @@ class RunConfig:
             grad_clip=self.grad_clip,
             batch_size=self.batch_size,
             seed=self.seed,
+            payload=self.payload,
+            error_feedback=int(self.error_feedback),
         ).to_config()
 
     def exchange_spec(self) -> Any:

@@ -27,6 +27,7 @@ from coordinator import (
     Plain,
     ServerOptimizer,
 )
+from coordinator.rounds import sample_size
 from federation.config import ConfigError, RunConfig, resolve_run_config
 from federation.errors import TaskError
 from federation.evaluation import CentralEvaluator
@@ -94,10 +95,19 @@ def contribution_policy(run: RunConfig, maximize: bool) -> ContributionPolicy:
 
 
 def server_optimizer(run: RunConfig) -> ServerOptimizer:
-    """The run's server optimizer (protocols/server_opt.py)."""
+    """The run's server optimizer (protocols/server_opt.py; docs/decisions/0011-server-optimizers.md)."""
+    from protocols.server_opt import FedAdam, FedAvgM
+
+    lr, momentum = run.server_learning_rate, run.server_momentum
     if run.server_optimizer == "nesterov":
-        return OuterNesterov(run.server_learning_rate, run.server_momentum)
-    return Plain()
+        return OuterNesterov(lr, momentum)
+    if run.server_optimizer == "fedavgm":
+        return FedAvgM(lr, momentum)
+    if run.server_optimizer == "fedadam":
+        return FedAdam(lr, beta1=momentum, beta2=run.server_beta2, tau=run.server_epsilon)
+    if run.server_optimizer == "fedavg":
+        return Plain()
+    raise ConfigError(f"server-optimizer: {run.server_optimizer!r} is not known")
 
 
 @dataclass(frozen=True)
@@ -129,11 +139,17 @@ def build_coordinator(task: Task, run: RunConfig, plan: RunPlan) -> CoordinatorR
     except ValueError as exc:
         raise ConfigError(f"exchange: {exc}") from exc
     held_out = plan.held_out
-    settings_need = max(1, math.ceil(run.quorum * len(plan.manifest.active)))  # as CoordinatorSettings.min_accepted
+    active = len(plan.manifest.active)
+    settings_need = max(1, math.ceil(run.quorum * active))  # as CoordinatorSettings.min_accepted
+    if run.fraction_train < 1:  # as coordinator.rounds.round_quorum, with as few nodes as the run waits for
+        waits_for = min(active, max(settings_need, run.min_train_nodes))
+        asked = sample_size(waits_for, run.fraction_train, run.min_train_nodes)
+        settings_need = max(1, math.ceil(round(run.quorum * asked, 9)))
     if run.aggregation == "krum" and settings_need < run.krum_f + 3:
         raise ConfigError(
             f"krum-f: Krum tolerating {run.krum_f} Byzantine update(s) needs at least {run.krum_f + 3} updates a "
-            f"round, but the quorum only guarantees {settings_need}; raise --quorum or lower --krum-f"
+            f"round, but the quorum only guarantees {settings_need}; raise --quorum (or --min-train-nodes) or lower "
+            "--krum-f"
         )
     if run.aggregation == "krum" and run.krum_m > len(plan.manifest.active):
         raise ConfigError(f"krum-m: {run.krum_m} is more than the {len(plan.manifest.active)} active members")
@@ -156,6 +172,9 @@ def build_coordinator(task: Task, run: RunConfig, plan: RunPlan) -> CoordinatorR
             personalize=plan.personalize,
             resume=plan.resume,
             store_updates=run.store_updates,
+            fraction_train=run.fraction_train,
+            min_train_nodes=run.min_train_nodes,
+            payload=run.payload,
         ),
         identity=plan.identity,
         manifest=plan.manifest,

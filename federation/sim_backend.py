@@ -23,6 +23,16 @@ from disk by the resolver).
 It also starts Ray under a `federation.reaper.Reaper`, so that no process of the run's Ray outlives
 `weft simulate`, however it ends.
 
+Handing instructions to the workers in time linear in the messages
+-----------------------------------------------------------------------
+Flower 1.42's engine (`vce_api.add_messages_to_queue`) asks the link state, every 0.1 s, for one
+instruction per registered node: `get_message_ins(node_id, limit=1)` for each of the N nodes, and each
+call scans every stored instruction under the state's lock. That is N x M work per sweep (5,000 nodes x
+250 instructions when 5% are sampled), which holds the lock and the interpreter against the coordinator
+and the replies coming back. `_dispatch` does the same in one pass over the stored instructions: the
+first undelivered one of each node, checked (`_check_stored_messages`) and marked delivered exactly as
+`get_message_ins` does. With any other link state it falls back to Flower's own loop.
+
 Flower creates its backend in `vce_api.start_vce` with `from .backend.raybackend import RayBackend`,
 with no registry to add one to: `use_weft_backend()` points that name at `WeftRayBackend` (an
 ordinary subclass; everything else is Flower's). It is pinned to Flower 1.42's `RayBackend` and
@@ -33,14 +43,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from queue import Queue
 from typing import Any
 
 import ray
 from flwr.app import Context, Error, Message
 from flwr.common.constant import PARTITION_ID_KEY
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import raybackend
 from flwr.server.superlink.fleet.vce.backend.backend import BackendConfig
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+from flwr.supercore.date import now
 from ray.exceptions import RayActorError
 
 from federation.reaper import Reaper
@@ -53,6 +67,7 @@ NODE_DIED_REASON = "node process died while serving the instruction"
 """The reply's text (a fixed string: nothing from the node's process)."""
 
 _FLOWER_BACKEND = raybackend.RayBackend
+_FLOWER_DISPATCH = vce_api.add_messages_to_queue
 
 
 class WeftRayBackend(_FLOWER_BACKEND):
@@ -117,8 +132,38 @@ class WeftRayBackend(_FLOWER_BACKEND):
 
 
 def use_weft_backend() -> None:
-    """Make Flower's simulation engine build `WeftRayBackend` (idempotent; lasts for the process)."""
+    """Make Flower's simulation engine build `WeftRayBackend` and hand out instructions with `_dispatch`
+    (idempotent; lasts for the process)."""
     raybackend.RayBackend = WeftRayBackend  # type: ignore[misc]
+    vce_api.add_messages_to_queue = _dispatch
+
+
+def _dispatch(state: Any, queue: Queue[Message], nodes_mapping: dict[int, int], f_stop: threading.Event) -> None:
+    """Flower's `add_messages_to_queue`, in one pass over the stored instructions per sweep."""
+    if not hasattr(state, "message_ins_store") or not hasattr(state, "_check_stored_messages"):
+        _FLOWER_DISPATCH(state, queue, nodes_mapping, f_stop)  # another LinkState: Flower's own loop
+        return
+    while not f_stop.is_set():
+        for message in _next_instructions(state, nodes_mapping):
+            queue.put(message)
+        f_stop.wait(0.1)
+
+
+def _next_instructions(state: Any, nodes: dict[int, int]) -> list[Message]:
+    """The first undelivered instruction of every simulated node, marked delivered (as `get_message_ins`
+    with `limit=1` marks it), in the order they were stored."""
+    with state.lock:
+        store = state.message_ins_store
+        state._check_stored_messages(set(store))  # drops expired ones, as get_message_ins does for each
+        first: dict[int, Message] = {}
+        for message in store.values():
+            meta = message.metadata
+            if meta.delivered_at == "" and meta.dst_node_id in nodes and meta.dst_node_id not in first:
+                first[meta.dst_node_id] = message
+        delivered_at = now().isoformat()
+        for message in first.values():
+            message.metadata.delivered_at = delivered_at
+    return list(first.values())
 
 
 def _session_dir() -> str | None:

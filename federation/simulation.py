@@ -27,7 +27,7 @@ from coordinator import (
 from federation.adversary import Adversaries
 from federation.config import SimulationConfig
 from federation.errors import ConfigError
-from federation.partition import dirichlet_partition, iid_partition, natural_partition, owners_of, train_val_split
+from federation.partition import owners_of, split, train_val_split
 from federation.runtime import RunPlan, build_coordinator, build_node
 from federation.tasks import SimulationData, Task, TaskOptions, check_task, load_task
 from node import NodeRuntime, make_client_app, pick_device
@@ -111,21 +111,27 @@ def _task_data(reference: str, model_dir: str, seed: int) -> SimulationData:
     return check_task(_task(reference, model_dir), seed)
 
 
-@lru_cache(maxsize=4)
 def _partitions(
     reference: str, model_dir: str, seed: int, kind: str, alpha: float | None, parts: int
 ) -> list[np.ndarray]:
+    return _split(reference, model_dir, seed, kind, alpha, parts)[0]
+
+
+@lru_cache(maxsize=4)
+def _split(
+    reference: str, model_dir: str, seed: int, kind: str, alpha: float | None, parts: int
+) -> tuple[list[np.ndarray], bool]:
+    """(each node's pool indices, whether examples are shared); a split that cannot be made is a ConfigError."""
     data = _task_data(reference, model_dir, seed)
     n = len(data.pool)  # type: ignore[arg-type]
-    if kind == "iid":
-        return iid_partition(n, parts, seed)
-    if kind == "natural":
-        if data.owners is None:
-            raise ConfigError(f"partition: task {reference!r} declares no owner key; use --partition iid or dirichlet")
-        return natural_partition(data.owners, parts)
-    if data.labels is None:
+    if kind == "natural" and data.owners is None:
+        raise ConfigError(f"partition: task {reference!r} declares no owner key; use --partition iid or dirichlet")
+    if kind == "dirichlet" and data.labels is None:
         raise ConfigError(f"partition: task {reference!r} declares no class labels; use --partition iid or natural")
-    return dirichlet_partition(data.labels, parts, alpha or 0.5, seed)
+    try:
+        return split(kind, parts, seed, n=n, labels=data.labels, alpha=alpha, owners=data.owners)
+    except ValueError as exc:
+        raise ConfigError(f"nodes: cannot split task {reference!r} across {parts} nodes ({kind}): {exc}") from exc
 
 
 def resolve_partition(cfg: SimulationConfig) -> SimulationConfig:
@@ -151,10 +157,7 @@ def prepare(cfg: SimulationConfig) -> tuple[SimulatedNodes, Manifest, SigningKey
     run = cfg.run
     # ---- everything that can fail on a user's input fails here, before any file is written ----
     _task_data(run.task, run.model_dir, run.seed)  # validates the task (check_task) and caches its data
-    try:
-        _partitions(run.task, run.model_dir, run.seed, cfg.partition, cfg.alpha, cfg.nodes)
-    except ValueError as exc:
-        raise ConfigError(f"nodes / partition: {exc}") from exc
+    _partitions(run.task, run.model_dir, run.seed, cfg.partition, cfg.alpha, cfg.nodes)  # ConfigError if impossible
     n_total = cfg.nodes + len(cfg.adversary_kinds)
     nodes = SimulatedNodes(
         run.task, run.seed, cfg.partition, cfg.alpha, cfg.nodes, cfg.federation_id, home, run.model_dir,
@@ -250,6 +253,9 @@ def simulate(cfg: SimulationConfig, observer: Observer) -> RunResult:
 def _record_config(cfg: SimulationConfig, data: SimulationData) -> dict[str, object]:
     """The complete resolved configuration for summary.json; a natural split also records who holds which owner."""
     record: dict[str, object] = cfg.to_json()
+    _, shared = _split(cfg.run.task, cfg.run.model_dir, cfg.run.seed, cfg.partition, cfg.alpha, cfg.nodes)
+    if shared:  # too few examples for a disjoint split: each node got its own draw (federation/partition.py)
+        record["partition-shared"] = True
     if cfg.partition == "natural" and data.owners is not None:
         record["partition-owners"] = owners_of(data.owners, cfg.nodes)
     return record

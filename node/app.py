@@ -21,8 +21,15 @@ from node.egress import declared_metrics, evaluate_reply, train_reply
 from node.exchange import LocalModel, exchanged_arrays
 from node.instructions import PHASE_PERSONALIZE, Instructions
 from node.runtime import NodeRuntime
-from node.store import record_round, save_local_model, save_personal_model
-from node.training import Stats, evaluate_local, train_local
+from node.store import (
+    ResidualKey,
+    load_residual,
+    record_round,
+    save_local_model,
+    save_personal_model,
+    save_residual,
+)
+from node.training import Stats, TrainConfig, evaluate_local, train_local
 from protocols import (
     DecodeError,
     EvaluationEnvelope,
@@ -34,8 +41,10 @@ from protocols import (
     params_digest,
     sign_evaluation,
     sign_update,
+    structure,
     wire,
 )
+from protocols.payload import PAYLOADS, WEIGHTS, encode
 
 log = logging.getLogger("weft.node")
 
@@ -100,7 +109,11 @@ def handle_train(rt: NodeRuntime, msg: Message) -> Message:
     round_ = envelope.round + 1
     seed = int(np.random.SeedSequence([todo.train.seed, round_, rt.seed]).generate_state(1)[0])
     stats = train_local(local.model, rt.train_data, todo.train, rt.device, seed=seed, recipe=rt.recipe)
-    update = local.arrays()
+    trained = local.arrays()  # full precision: what the partner keeps
+
+    # ---- the payload the signed instructions ask for (compressed against the global model) --------
+    key = ResidualKey(envelope.federation_id, envelope.run_id, todo.train.payload)
+    update, residual = wire_update(rt, todo.train, key, round_, arrays, trained)
 
     # ---- sign exactly what leaves ---------------------------------------------------------------
     metrics = declared_metrics(stats.prefixed("train"), rt.allowlist)
@@ -113,15 +126,40 @@ def handle_train(rt: NodeRuntime, msg: Message) -> Message:
         update_digest=params_digest(update),
         num_examples=stats.num_examples,
         metrics=metrics,
+        payload=todo.train.payload,
     )
     blob = sign_update(rt.identity, signed_envelope)
-    save_local_model(rt.workdir, update, signed_envelope)
+    save_local_model(rt.workdir, trained, signed_envelope)
+    if residual is not None:
+        save_residual(rt.workdir, key, round_, residual)
     log.info(
-        "round %d: sent update %s (base %s), %d examples, metrics %s",
-        round_, signed_envelope.update_digest.hex()[:16], envelope.model_digest.hex()[:16],
+        "round %d: sent update %s (%s, base %s), %d examples, metrics %s",
+        round_, signed_envelope.update_digest.hex()[:16], todo.train.payload, envelope.model_digest.hex()[:16],
         stats.num_examples, sorted(metrics),
     )  # fmt: skip
     return Message(train_reply(update, blob, stats.num_examples, metrics), reply_to=msg)
+
+
+def wire_update(
+    rt: NodeRuntime,
+    train: TrainConfig,
+    key: ResidualKey,
+    round_: int,
+    base: dict[str, np.ndarray],
+    trained: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The arrays to send for `train.payload` (protocols/payload.py), and the residual to keep (None: keep none).
+
+    A delta payload is the change from the global model the node received (`base`), compressed; with
+    error feedback, what the previous compressed update of this run lost is added to it first.
+    """
+    if train.payload not in PAYLOADS:  # TrainConfig refuses it already; never send what the run did not ask
+        raise ValueError(f"unknown payload kind {train.payload!r}")
+    if train.payload == WEIGHTS:
+        return trained, None
+    previous = load_residual(rt.workdir, key, round_, structure(base)) if train.error_feedback else None
+    update, residual = encode(trained, base, train.payload, previous)
+    return update, residual if train.error_feedback else None
 
 
 def handle_evaluate(rt: NodeRuntime, msg: Message) -> Message:

@@ -23,9 +23,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from node.recipe import CLASSIFICATION, Recipe, StepContext
 from node.wireform import WireForm, from_wire
 from protocols import ConfigValue
+from protocols.payload import PAYLOADS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 """Optimizers a run can name; a task may bring its own instead (`Recipe.make_optimizer`)."""
+
+PAYLOAD_KINDS = PAYLOADS
+"""What a node can send: weights, delta-fp16, delta-int8, delta-int4 (protocols/payload.py decodes each at the
+coordinator and in the audit)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,10 @@ class TrainConfig(WireForm):
     """Mini-batch size."""
     seed: int = 0
     """Run seed; mixed with the round and the node's own seed for shuffling."""
+    payload: str = "weights"
+    """What the node sends back: its weights, or its signed change as delta-fp16, delta-int8 or delta-int4."""
+    error_feedback: int = 1
+    """1: carry the rounding error of a compressed delta into the node's next update; 0: drop it."""
 
     def __post_init__(self) -> None:
         _check(self.local_epochs >= 1, "local-epochs must be >= 1")
@@ -66,6 +75,8 @@ class TrainConfig(WireForm):
         _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad-clip must be >= 0")
         _check(self.batch_size >= 1, "batch-size must be >= 1")
         _check(0 <= self.seed < 2**63, "seed must be a non-negative integer")
+        _check(self.payload in PAYLOAD_KINDS, f"payload must be one of {', '.join(PAYLOAD_KINDS)}")
+        _check(self.error_feedback in (0, 1), "error-feedback must be 0 or 1")
 
     @classmethod
     def from_config(cls, config: Mapping[str, ConfigValue]) -> TrainConfig:

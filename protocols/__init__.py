@@ -40,14 +40,17 @@ from protocols.identity import (
 )
 from protocols.manifest import Manifest, Member, Status, check_successor
 from protocols.modelfile import SignedModel, read_signed_model, write_signed_model
+from protocols.payload import PAYLOADS, Decoded, wire_structure
 from protocols.reasons import RejectReason
 
 __all__ = [
     "ID_PATTERN",
+    "PAYLOADS",
     "VERSION",
     "ArraySpec",
     "ConfigValue",
     "DecodeError",
+    "Decoded",
     "Domain",
     "EvaluationEnvelope",
     "GlobalModelEnvelope",
@@ -81,5 +84,6 @@ __all__ = [
     "sign_global_model",
     "sign_update",
     "structure",
+    "wire_structure",
     "write_signed_model",
 ]

@@ -13,15 +13,53 @@ Inputs, in canonical order (sorted by update digest, then member id; never arriv
 
 Arithmetic is float64 in a fixed order, cast back to each array's dtype at the end (integer arrays are
 rounded to nearest): deterministic for the same inputs on any machine with IEEE-754 doubles.
+
+The weighted mean (FedAvg, and Krum's final step) runs chunk-major: for each run of `CHUNK` elements of an
+array, every update's values are folded in canonical order into a small float64 buffer, divided and (for
+FedAvg under `aggregate_round`) cast to the model's dtype at once. Each element sees exactly the operations
+of the whole-array formula, so the bits are the same, but no full-size float64 temporary exists and the
+chunks are shared between threads (numpy releases the GIL; the result does not depend on the split).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+CHUNK = 1 << 15
+"""Elements per step of the weighted mean and of the finite check (their scratch buffers stay in cache)."""
+THREADS = max(1, min(8, os.cpu_count() or 1))
+"""Threads the weighted mean splits a large array's chunks over."""
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="weft-fold")
+    return _pool
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether a floating array holds no NaN or Inf, checked in chunks (other dtypes are always finite)."""
+    if array.dtype.kind != "f":
+        return True
+    flat = array.reshape(-1)
+    if flat.size <= CHUNK:
+        return bool(np.isfinite(flat).all())
+    scratch = np.empty(CHUNK, dtype=bool)
+    for start in range(0, flat.size, CHUNK):
+        part = flat[start : start + CHUNK]
+        ok = scratch[: part.size]
+        np.isfinite(part, out=ok)
+        if not ok.all():
+            return False
+    return True
 
 
 class UpdateSource(Protocol):
@@ -92,30 +130,85 @@ class FedAvg:
 
 
 def weighted_mean(
-    names: Sequence[str], sources: Sequence[UpdateSource], shares: Sequence[float]
+    names: Sequence[str],
+    sources: Sequence[UpdateSource],
+    shares: Sequence[float],
+    template: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """`sum(w_i x_i) / sum(w_i)` per array, float64, accumulated in the order given (zero-share updates skipped)."""
+    """`sum(w_i x_i) / sum(w_i)` per array, accumulated in the order given (zero-share updates skipped).
+
+    Per element: `acc = float64(x_first) * w_first`, then `acc = acc + float64(x_i) * w_i` for each next
+    update with a non-zero share, then `acc / total`, all in float64. Without `template` the result is
+    float64. With `template` (name -> `ArraySpec`) each chunk is cast like `cast_to_template` (integers
+    rounded to nearest, then converted) straight into an array of the model's dtype and shape, and a
+    non-finite floating result raises ValueError: the same bits, without a full-size float64 result.
+    """
     if len(sources) != len(shares):
         raise ValueError(f"{len(sources)} updates but {len(shares)} shares")
     total = float(sum(shares))
     if not (np.isfinite(total) and total > 0):
         raise ValueError("the shares must sum to a positive number")
     out: dict[str, np.ndarray] = {}
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught by the caller's finite check
-        for name in names:
-            acc: np.ndarray | None = None
-            for source, share in zip(sources, shares, strict=True):
-                if share == 0:
-                    continue
-                term = np.asarray(source.array(name), dtype=np.float64) * float(share)
-                if acc is None:
-                    acc = term
-                else:
-                    acc += term
-            assert acc is not None  # total > 0, so some share is non-zero
-            acc /= total
-            out[name] = acc
+    for name in names:
+        terms = [(np.asarray(src.array(name)), float(share)) for src, share in zip(sources, shares, strict=True)
+                 if share != 0]  # fmt: skip
+        assert terms  # total > 0, so some share is non-zero
+        shape = terms[0][0].shape
+        for array, _ in terms:
+            if array.shape != shape:
+                raise ValueError(f"array {name!r} has different shapes across updates: {shape} and {array.shape}")
+        flats = [(array.reshape(-1), share) for array, share in terms]
+        dtype = np.dtype(np.float64) if template is None else np.dtype(template[name].dtype)
+        result = np.empty(shape, dtype=dtype)
+        size = result.size
+        chunks = -(-size // CHUNK)
+        parts = min(THREADS, chunks)
+        if parts <= 1:
+            finite = _fold(flats, total, result.reshape(-1), 0, size, template is not None)
+        else:
+            bounds = [CHUNK * (chunks * k // parts) for k in range(parts)] + [size]
+            jobs = [
+                _executor().submit(
+                    _fold, flats, total, result.reshape(-1), bounds[k], bounds[k + 1], template is not None
+                )
+                for k in range(parts)
+            ]
+            finite = all([job.result() for job in jobs])
+        if not finite:
+            raise ValueError(f"aggregate of {name!r} is not finite (overflow in {dtype})")
+        del terms, flats
+        out[name] = result
     return out
+
+
+def _fold(
+    flats: Sequence[tuple[np.ndarray, float]], total: float, out: np.ndarray, start: int, stop: int, cast: bool
+) -> bool:
+    """Fold elements [start, stop) of every update into `out`, chunk by chunk; False if a cast float is not finite."""
+    acc = np.empty(min(CHUNK, stop - start), dtype=np.float64)
+    term = np.empty_like(acc)
+    ok = np.empty(acc.size, dtype=bool)
+    rounded = cast and out.dtype.kind in "iub"
+    checked = cast and out.dtype.kind == "f"
+    finite = True
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is caught by the finite check
+        for lo in range(start, stop, CHUNK):
+            hi = min(stop, lo + CHUNK)
+            n = hi - lo
+            a, t = acc[:n], term[:n]
+            first, share = flats[0]
+            np.multiply(first[lo:hi], share, out=a, dtype=np.float64)
+            for x, share in flats[1:]:
+                np.multiply(x[lo:hi], share, out=t, dtype=np.float64)
+                np.add(a, t, out=a)
+            np.divide(a, total, out=a)
+            if rounded:
+                np.rint(a, out=a)
+            out[lo:hi] = a
+            if checked and finite:
+                np.isfinite(out[lo:hi], out=ok[:n])
+                finite = bool(ok[:n].all())
+    return finite
 
 
 # ---- one round, end to end: policy, rule, cast -----------------------------------------------------------
@@ -194,7 +287,10 @@ def aggregate_round(
         sources.append(item.source if scale == 1.0 else Clipped(item.source, base, scale))
     weights = base_weights(policy, [i.num_examples for i in order], [i.score for i in order])
     shares = cap_shares(weights, policy.max_share)
-    result = rule.aggregate(names, sources, shares)
+    if isinstance(rule, FedAvg):  # straight into the model's dtypes: no full-size float64 aggregate
+        result = RuleResult(weighted_mean(names, sources, shares, template), tuple(range(len(sources))))
+    else:
+        result = rule.aggregate(names, sources, shares)
     return RoundAggregate(
         arrays=cast_to_template(result.arrays, template),
         order=tuple(order),
@@ -207,11 +303,20 @@ def aggregate_round(
 
 
 def cast_to_template(arrays: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """float64 aggregate -> the global model's dtypes (integers rounded to nearest); refuse non-finite results."""
+    """float64 aggregate -> the global model's dtypes (integers rounded to nearest); refuse non-finite results.
+
+    An array already in its model dtype and shape (FedAvg's, cast chunk by chunk by `weighted_mean`) is
+    taken as it is, after the same finite check.
+    """
     out: dict[str, np.ndarray] = {}
     for name in sorted(template):
         dtype = np.dtype(template[name].dtype)
         value = arrays[name]
+        if value.dtype == dtype and value.shape == tuple(template[name].shape):
+            if not all_finite(value):
+                raise ValueError(f"aggregate of {name!r} is not finite (overflow in {dtype})")
+            out[name] = value
+            continue
         if dtype.kind in "iub":
             value = np.rint(value)
         with np.errstate(over="ignore", invalid="ignore"):

@@ -34,6 +34,7 @@ from protocols.identity import Domain, PublicKey
 from protocols.ledger import LEDGER_FILE, LedgerEntry, read_ledger, verify_chain
 from protocols.manifest import Manifest
 from protocols.modelfile import read_signed_model
+from protocols.payload import WEIGHTS, Decoded
 from protocols.reasons import RejectReason
 from protocols.server_opt import ServerOptimizer, optimizer_from_description
 from protocols.stored import StoredUpdate
@@ -233,7 +234,7 @@ class _Audit:
         inputs: list[RoundInput] = []
         complete = True
         for c in body.get("contributions", []):
-            item = self._contribution(c, rnd, base_digest, start, manifest, policy)
+            item = self._contribution(c, rnd, base, base_digest, start, manifest, policy)
             self.v.contributions += 1
             if item is None:
                 complete = False
@@ -268,6 +269,7 @@ class _Audit:
         self,
         c: Mapping[str, Any],
         rnd: int,
+        base: dict[str, np.ndarray],
         base_digest: str,
         start: Mapping[str, Any],
         manifest: Manifest | None,
@@ -302,6 +304,9 @@ class _Audit:
                 self.problem(f"{who}: the envelope's {name} is {getattr(env, name)!r}, the ledger says {value!r}")
         if env.base_digest.hex() != base_digest:
             self.problem(f"{who}: trained from another base model")
+        run_payload = start.get("payload", WEIGHTS)
+        if env.payload != run_payload:
+            self.problem(f"{who}: sent payload {env.payload!r}, the run asked for {run_payload!r}")
         if env.update_digest.hex() != c.get("update_digest") or env.num_examples != c.get("num_examples"):
             self.problem(f"{who}: digest or example count differ from its signed envelope")
         if not 1 <= env.num_examples <= member.max_examples:
@@ -328,7 +333,10 @@ class _Audit:
         if digest != env.update_digest:
             self.problem(f"{who}: stored update {stored} is not the update that was signed (digest differs)")
             return None
-        return RoundInput(env.sender, env.update_digest, env.num_examples, update,
+        # a compressed update is signed over its compressed arrays; the aggregate is built from the
+        # weights they decode to against the round's base model (protocols/payload.py)
+        source = update if env.payload == WEIGHTS else Decoded(update, base, structure(base), env.payload)
+        return RoundInput(env.sender, env.update_digest, env.num_examples, source,
                           float(score) if isinstance(score, int | float) else None)  # fmt: skip
 
     def _evaluations(self, body: Mapping[str, Any], rnd: int, manifest: Manifest | None) -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from protocols.encoding import ConfigValue, Reader, Writer
 from protocols.errors import DecodeError
 from protocols.identity import Domain, PublicKey, SigningKey
+from protocols.payload import PAYLOADS as _PAYLOAD_KINDS
 
 MAGIC = b"WEFT"
 VERSION = 1
@@ -28,8 +29,9 @@ _MEMBER = re.compile(r"[0-9a-f]{16}")
 _KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 
 PAYLOAD_WEIGHTS = "weights"
-"""The update carries the full trained parameter vector (the only payload kind of version 1)."""
-PAYLOADS = frozenset({PAYLOAD_WEIGHTS})
+"""The update carries the full trained parameter vector (the default payload kind)."""
+PAYLOADS = frozenset(_PAYLOAD_KINDS)
+"""`weights`, `delta-fp16`, `delta-int8`, `delta-int4`: what the arrays are (protocols/payload.py)."""
 
 RESERVED_METRIC = "num-examples"
 """Carries the example count next to the metrics in a Flower reply; never a metric name."""
@@ -69,7 +71,7 @@ class UpdateEnvelope:
     metrics: Mapping[str, float] = field(default_factory=dict)
     """Declared scalar metrics, names from the node's allowlist."""
     payload: str = PAYLOAD_WEIGHTS
-    """What the arrays are; version 1 knows only `weights`."""
+    """What the arrays are: one of `PAYLOADS` (protocols/payload.py decodes them into weights)."""
 
     def __post_init__(self) -> None:
         _check_node_statement(self.federation_id, self.run_id, self.round, self.sender, self.num_examples, self.metrics)

@@ -34,9 +34,12 @@ def private_dir(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, sync: bool = True) -> Iterator[BinaryIO]:
     """A file object whose contents appear at `path` all at once when the block ends (temp file, fsync,
-    rename), mode 0600; if the block raises, nothing appears and the temp file is removed."""
+    rename), mode 0600; if the block raises, nothing appears and the temp file is removed.
+
+    `sync=False` leaves out the fsync (the caller syncs later, before anything depends on the file
+    surviving a power loss; every reader still sees the whole file or none of it)."""
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, FILE_MODE)
@@ -44,7 +47,8 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "w+b") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

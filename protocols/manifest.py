@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,6 +123,8 @@ class Manifest:
     version: int = 1
     signature: bytes | None = None
     _by_id: Mapping[str, Member] = field(init=False, repr=False, compare=False)
+    _active: tuple[Member, ...] = field(init=False, repr=False, compare=False)
+    _canonical: bytes | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         _check_id(self.federation_id, "federation_id")
@@ -135,13 +138,15 @@ class Manifest:
         by_id = {m.member_id: m for m in members}
         if len(by_id) != len(members):
             raise ManifestError("members: the same public key appears twice")
-        names = [m.name for m in members]
-        repeated = sorted({n for n in names if names.count(n) > 1})
+        repeated = sorted(n for n, count in Counter(m.name for m in members).items() if count > 1)
         if repeated:
             raise ManifestError(f"members: name {repeated[0]!r} is used by two members")
         if (clash := by_id.get(self.coordinator_key.member_id)) is not None:
             raise ManifestError(f"members: member {clash.name!r} uses the coordinator key")
         object.__setattr__(self, "_by_id", MappingProxyType(by_id))
+        # built once: the round loop reads these per reply, and a manifest can hold thousands of members
+        object.__setattr__(self, "_active", tuple(m for m in members if m.active))
+        object.__setattr__(self, "_canonical", None)
         if self.signature is not None:
             self._verify_signature()
 
@@ -164,8 +169,8 @@ class Manifest:
 
     @property
     def active(self) -> tuple[Member, ...]:
-        """The members whose updates may be accepted."""
-        return tuple(m for m in self.members if m.active)
+        """The members whose updates may be accepted (computed once)."""
+        return self._active
 
     def find(self, name_or_id: str) -> Member:
         """The member with this name or member id; `ManifestError` if there is none."""
@@ -212,8 +217,11 @@ class Manifest:
         }
 
     def canonical_bytes(self) -> bytes:
-        """What the coordinator signs: the body as JSON, keys sorted, no whitespace, UTF-8."""
-        return canonical_json(self.body())
+        """What the coordinator signs: the body as JSON, keys sorted, no whitespace, UTF-8 (computed once)."""
+        if self._canonical is None:
+            object.__setattr__(self, "_canonical", canonical_json(self.body()))
+        assert self._canonical is not None
+        return self._canonical
 
     def sign(self, key: SigningKey) -> Manifest:
         """This manifest signed by `key`, which must be the manifest's coordinator key."""

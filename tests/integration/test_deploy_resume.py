@@ -254,10 +254,10 @@ def deploy(m: Material, tag: str, crash: bool, ports: list[int]) -> Deployment:
             # ... and, better, once the next round is under way: an update of it verified and stored
             spool = d.run / "rounds" / f"{KILL_AFTER + 1:04d}"
             deadline = time.monotonic() + MID_ROUND_WAIT_S
-            while time.monotonic() < deadline and not any(spool.rglob("*.npz")):
+            while time.monotonic() < deadline and not any(spool.rglob("*.update")):
                 time.sleep(POLL_S)
             d.timings["killed_at_s"] = time.monotonic() - t0
-            d.spooled_at_kill = len(list(spool.rglob("*.npz")))
+            d.spooled_at_kill = len(list(spool.rglob("*.update")))
             d.marks = {name: len(d.procs[name].text()) for name in PARTNERS}
             d.killed = kill_superlink(last)
             d.exits.append(wait_exit(last, list(d.procs.values()), EXIT_TIMEOUT_S))

@@ -186,6 +186,8 @@ def test_train_config_matches_node_train_config() -> None:
         "grad-clip": 0.0,
         "batch-size": 32,
         "seed": 0,
+        "payload": "weights",
+        "error-feedback": 1,
     }
     assert set(run.train_config()) == TrainConfig.keys()
 

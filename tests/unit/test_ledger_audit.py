@@ -156,13 +156,15 @@ def test_a_swapped_stored_update_fails(run_dir: Path) -> None:
 def test_a_stored_update_with_changed_arrays_fails(run_dir: Path) -> None:
     import numpy as np
 
-    from protocols.npz import load_npz, save_npz
+    from protocols.stored import StoredUpdate, write_stored_update
 
     path = sorted((run_dir / "rounds" / "0001" / "updates").iterdir())[0]
-    entries = load_npz(path)
-    name = next(n for n in sorted(entries) if not n.startswith("__weft__"))
+    update = StoredUpdate(path)
+    entries = {name: np.array(a) for name, a in update.arrays().items()}
+    signed = update.signed()
+    name = sorted(entries)[0]
     entries[name] = entries[name] + np.asarray(1e-3, dtype=entries[name].dtype)
-    save_npz(path, entries)
+    write_stored_update(path, entries, signed)
     verdict = verify_run(run_dir, COORDINATOR.public_key)
     assert any("round 1:" in p and "is not the update that was signed" in p for p in verdict.problems)
 

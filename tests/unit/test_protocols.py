@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -169,7 +170,7 @@ def _member_id(raw_public_key: bytes) -> str:
 
 
 def _digest_preimage(arrays: dict[str, np.ndarray]) -> bytes:
-    out = [b"weft/params/v1\x00", _u32(len(arrays))]
+    out = [b"weft/params/v2\x00", _u32(len(arrays))]
     for name in sorted(arrays, key=lambda n: n.encode("utf-8")):
         a = arrays[name]
         data = a.astype(a.dtype.newbyteorder("<")).tobytes(order="C")
@@ -337,10 +338,10 @@ def test_key_file_vectors_have_the_documented_der(vectors: dict[str, str]) -> No
 def test_digest_vectors_follow_the_documented_preimage(vectors: dict[str, str]) -> None:
     preimage = bytes.fromhex(vectors["params-digest-1-preimage"])
     assert len(preimage) == 151
-    assert hashlib.sha256(preimage).hexdigest() == vectors["params-digest-1"]
+    assert blake3.blake3(preimage).hexdigest() == vectors["params-digest-1"]
     for arrays, name in ((p2(), "params-digest-2"), (p3(), "params-digest-3"), ({}, "empty")):
         expected = vectors[name if name != "empty" else "params-digest-empty"]
-        assert hashlib.sha256(_digest_preimage(arrays)).hexdigest() == expected
+        assert blake3.blake3(_digest_preimage(arrays)).hexdigest() == expected
 
 
 def test_p3_sorts_by_utf8_bytes_not_utf16_units() -> None:
@@ -1035,12 +1036,17 @@ def test_digest_refuses_bad_names() -> None:
 def test_every_documented_dtype_is_digestible() -> None:
     arrays = {name: np.zeros(2, dtype=name) for name in DTYPES}
     assert len(params_digest(arrays)) == 32
-    assert hashlib.sha256(_digest_preimage(arrays)).digest() == params_digest(arrays)
+    assert blake3.blake3(_digest_preimage(arrays)).digest() == params_digest(arrays)
 
 
 def test_digest_of_zero_size_matrix() -> None:
     arrays = {"w": np.zeros((0, 3), dtype=np.float32)}
-    assert params_digest(arrays) == hashlib.sha256(_digest_preimage(arrays)).digest()
+    assert params_digest(arrays) == blake3.blake3(_digest_preimage(arrays)).digest()
+
+
+def test_large_digests_hashed_on_several_threads_equal_the_plain_hash() -> None:
+    arrays = {"big": np.arange(1 << 20, dtype=np.float32), "small": np.ones(3, dtype=np.int64)}  # 4 MiB: threaded
+    assert params_digest(arrays) == blake3.blake3(_digest_preimage(arrays)).digest()
 
 
 def test_structure() -> None:

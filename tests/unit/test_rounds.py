@@ -174,15 +174,17 @@ def test_a_missed_quorum_raises_and_writes_no_model_for_that_round(tmp_path: Pat
 def test_updates_are_weighted_by_example_count(tmp_path: Path) -> None:
     # One round, then recompute FedAvg from the spooled updates, weighting by each node's dataset size
     # (file names sort like the spool: update digest first).
+    from protocols.stored import StoredUpdate
+
     result = run_federation(FakeGrid(nodes(tmp_path)), runtime(tmp_path / "out", rounds=1))  # type: ignore[arg-type]
     updates = sorted((tmp_path / "out" / "rounds" / "0001" / "updates").iterdir())
     sizes = {NODE_KEYS[i].member_id: 16 + 4 * i for i in range(3)}
     total = {name: np.zeros_like(a, dtype=np.float64) for name, a in result.final_arrays.items()}
     for path in updates:
         member = path.stem.split("-")[1]
-        with np.load(path) as npz:
-            for name in total:
-                total[name] += npz[name].astype(np.float64) * sizes[member]
+        stored = StoredUpdate(path)
+        for name in total:
+            total[name] += stored.array(name).astype(np.float64) * sizes[member]
     for name, acc in total.items():
         expected = (acc / sum(sizes.values())).astype(np.float32)
         np.testing.assert_array_equal(result.final_arrays[name], expected)

@@ -374,6 +374,8 @@ def test_train_config_wire_keys() -> None:
         "grad-clip",
         "batch-size",
         "seed",
+        "payload",
+        "error-feedback",
     }
     config = TrainConfig(optimizer="adamw", max_steps=7, grad_clip=1.5, beta2=0.98)
     wire = config.to_config()

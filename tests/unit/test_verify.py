@@ -386,9 +386,10 @@ def test_rejection_to_json() -> None:
     ids=["complex64", "str", "empty-name"],
 )
 def test_arrays_the_digest_cannot_hash_are_rejected_not_raised(sent: dict[str, np.ndarray]) -> None:
-    # A member signs honestly, then sends arrays params_digest would refuse: the structure check
-    # runs first, so the reply is rejected and the round goes on.
-    assert rejected(reply(sent_arrays=sent)).reason is RejectReason.SHAPE_MISMATCH
+    # A member signs honestly, then sends arrays params_digest would refuse: a dtype outside the
+    # protocol's is refused while decoding, a bad name by the structure check; the round goes on.
+    expected = RejectReason.SHAPE_MISMATCH if "" in sent else RejectReason.MALFORMED
+    assert rejected(reply(sent_arrays=sent)).reason is expected
 
 
 def test_an_unexpected_failure_while_checking_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -399,3 +400,93 @@ def test_an_unexpected_failure_while_checking_is_malformed(monkeypatch: pytest.M
     out = rejected(reply())
     assert out.reason is RejectReason.MALFORMED
     assert out.detail == "unverifiable reply: RuntimeError: boom"
+
+
+# ---- the arrays are read in place from their .npy bytes, strictly ----------------------------------------
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _header(text: str, version: bytes = b"\x01\x00") -> bytes:
+    raw = text.encode("latin1")
+    size = len(raw).to_bytes(2 if version == b"\x01\x00" else 4, "little")
+    return b"\x93NUMPY" + version + size + raw
+
+
+_BIAS = np.zeros(2, np.float32)
+_GOOD = _npy(_BIAS)
+_DATA = _BIAS.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "dtype", "shape"),
+    [
+        (b"", "float32", (2,)),
+        (b"\x93NUMPX" + _GOOD[6:], "float32", (2,)),
+        (_GOOD[:9], "float32", (2,)),
+        (b"\x93NUMPY\x03\x00" + _GOOD[8:], "float32", (2,)),
+        (_GOOD[:-1], "float32", (2,)),  # one data byte short
+        (_GOOD + b"\x00", "float32", (2,)),  # one byte too many
+        (_header("{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '|O', 'fortran_order': False, 'shape': (2,), }\n") + _DATA, "object", (2,)),
+        (_header("{'descr': '<c8', 'fortran_order': False, 'shape': (1,), }\n") + _DATA, "complex64", (1,)),
+        (_header("{'descr': '<f4', 'fortran_order': True, 'shape': (2,), }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': 0, 'shape': (2,), }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,), }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2.0,), }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': [2], }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (True,), }\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,)}\n") + _DATA, "float32", (2,)),
+        (_header("__import__('os').system('true')\n") + _DATA, "float32", (2,)),
+        (_header("{'descr': '<f4', 'fortran_order': False, 'shape': (2,)\n") + _DATA, "float32", (2,)),
+        (_header("{[1]: 2}\n") + _DATA, "float32", (2,)),
+        (_header("(" * 200 + ")" * 200) + _DATA, "float32", (2,)),
+        (b"\x93NUMPY\x01\x00\xff\xff" + b" " * 10, "float32", (2,)),  # header longer than the data
+        (b"\x93NUMPY\x02\x00" + (1 << 30).to_bytes(4, "little") + _DATA, "float32", (2,)),
+        (_GOOD, "float64", (2,)),  # declared dtype differs from the data's
+        (_GOOD, "float32", (1, 2)),  # declared shape differs from the data's
+        (_npy(np.zeros(2, np.float64)), "float32", (2,)),
+    ],
+)
+def test_malformed_npy_bytes_are_rejected_never_raised(data: bytes, dtype: str, shape: tuple[int, ...]) -> None:
+    from flwr.app import Array
+
+    msg = reply()
+    record = msg.content.array_records[wire.ARRAYS]
+    record["fc.bias"] = Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+    out = rejected(msg)
+    assert out.reason is RejectReason.MALFORMED, out
+    assert out.detail.startswith("arrays cannot be decoded: array 'fc.bias'"), out.detail
+
+
+def test_npy_version_2_headers_and_every_protocol_dtype_decode_in_place() -> None:
+    from flwr.app import Array
+
+    from coordinator.arrays import array_view, npy_view
+    from protocols.digest import DTYPES
+
+    for name in sorted(DTYPES):
+        value = (np.arange(12) % 2).astype(name).reshape(3, 4)
+        view = array_view(Array(value))
+        assert view.dtype == value.dtype and view.shape == (3, 4) and view.tobytes() == value.tobytes()
+        assert not view.flags.writeable
+    v2 = _header("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }\n", b"\x02\x00") + _DATA
+    assert npy_view(v2).tolist() == [0.0, 0.0]
+    scalar = array_view(Array(np.array(2.5, np.float64)))
+    assert scalar.shape == () and float(scalar) == 2.5
+
+
+def test_an_honest_reply_is_verified_from_views_of_the_received_bytes() -> None:
+    msg = reply()
+    outcome = verify_reply(msg, expectation())
+    assert isinstance(outcome, Accepted)
+    received = msg.content.array_records[wire.ARRAYS]["fc.weight"].data
+    view = outcome.arrays["fc.weight"]
+    assert not view.flags.owndata and np.shares_memory(view, np.frombuffer(received, dtype=np.uint8))

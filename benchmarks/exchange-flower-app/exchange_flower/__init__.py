@@ -1,0 +1,1 @@
+"""Flower's stock exchange: the baseline of benchmarks/exchange.py."""
