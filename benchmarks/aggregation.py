@@ -675,11 +675,13 @@ def _section(quick: bool, scratch: Path, started: float) -> Any:
         "",
     ]
     real = real_round()
+    trust_share: float | None = None
     if real is not None:
         p, n = real["params"], real["nodes"]
         round_s = real["run_wall_s"] / real["rounds"]
         nbytes = p * 4
         trust_s = nbytes / GB * (2 * per_gb_node + n * per_gb_coord)
+        trust_share = trust_s / round_s
         lines += [
             f"In the measured LM run of docs/BENCHMARKS.md (`benchmarks/results/central_vs_federated.json`: {p:,}"
             f" float32 parameters, {n} nodes, {real['rounds']} rounds in {real['run_wall_s']:.0f} s, so"
@@ -727,6 +729,9 @@ def _section(quick: bool, scratch: Path, started: float) -> Any:
                 growth <= 1.25,
             )
         )
+    if trust_share is not None:
+        checks.append(Check("trust (digests, signatures, verification) under 5% of a round (the LM task's round)",
+                            f"{trust_share:.3%}", trust_share < 0.05))  # fmt: skip
     if not quick:
         ok = big is not None and "error" not in big
         checks.append(Check("16 x 1B float32 updates aggregate on this machine", "yes" if ok else "no", ok))

@@ -53,6 +53,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks.central_vs_federated import FederatedRun, machine, weft_simulate
+from benchmarks.report import Check, Section
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES, ALPHA = 10, 0.1
@@ -224,12 +225,16 @@ def reach(row: Mapping[str, Any], target: float) -> tuple[int | None, int | None
 # ---- the benchmark ----------------------------------------------------------------------------------------
 
 
-def run_benchmark(quick: bool, payloads: Sequence[str], work: Path, reuse: bool) -> dict[str, Any]:
-    """Every run of one invocation, and what is judged from them."""
+def run_benchmark(quick: bool, payloads: Sequence[str], work: Path, reuse: bool, tune: bool = True) -> dict[str, Any]:
+    """Every run of one invocation, and what is judged from them.
+
+    `tune=False` skips the grid: the kept settings (KEPT, chosen by a tuning run) on every seed, and each
+    payload with plain FedAvg only (the payload's accuracy cost against float32 weights).
+    """
     started = time.monotonic()
     rounds = QUICK_ROUNDS if quick else FULL_ROUNDS
     grid: list[dict[str, Any]] = []
-    if quick:
+    if quick or not tune:
         kept = dict(KEPT)
         for opt in OPTIMIZERS:
             grid.append(run_one(kept[opt], TUNE_SEED, rounds, work, reuse))
@@ -251,7 +256,7 @@ def run_benchmark(quick: bool, payloads: Sequence[str], work: Path, reuse: bool)
     payload_rows: list[dict[str, Any]] = []
     for payload in payloads:
         failed = ""
-        for opt in OPTIMIZERS:
+        for opt in OPTIMIZERS if tune else ("fedavg",):
             if failed:  # the payload is broken, not the optimizer: do not spend a run on each
                 payload_rows.append({"optimizer": opt, "payload": payload, "failed": f"not run ({failed})"})
                 continue
@@ -288,6 +293,7 @@ def run_benchmark(quick: bool, payloads: Sequence[str], work: Path, reuse: bool)
              if "run_dir" in r}  # fmt: skip
     return {
         "quick": quick,
+        "tuned": tune and not quick,
         "rounds": rounds,
         "nodes": NODES,
         "alpha": ALPHA,
@@ -376,8 +382,6 @@ def markdown(res: Mapping[str, Any], command: str, figure: str) -> str:
     rounds = res["rounds"]
     loc = res["local"]
     out = [
-        "## Server optimizers on a non-IID split",
-        "",
         f"`weft simulate --task digits --nodes {NODES} --partition dirichlet --alpha {ALPHA:g} --rounds {rounds}` with "
         f"each `--server-optimizer` (protocols/server_opt.py; docs/decisions/0011-server-optimizers.md). Local "
         f"training is the task's default ({loc['optimizer']}, learning rate {loc['learning-rate']:g}, "
@@ -392,6 +396,14 @@ def markdown(res: Mapping[str, Any], command: str, figure: str) -> str:
             f"Quick run: the kept settings only, seed {TUNE_SEED}, {rounds} rounds: a check that everything runs. "
             "FedAvg's accuracy after so few rounds is a low target that FedAvg itself may reach early; the full "
             "run (30 rounds, 3 seeds) is the measurement.",
+            "",
+        ]
+    elif not res.get("tuned", True):
+        out += [
+            "The server settings are the ones a tuning run kept (`.venv/bin/python -m benchmarks.convergence` tries "
+            f"the grid in `GRID` on seed {TUNE_SEED} and keeps the highest mean accuracy; "
+            "docs/decisions/0011-server-optimizers.md); this run does not tune again. Each payload runs with plain "
+            "FedAvg, against FedAvg's float32 weights.",
             "",
         ]
     else:
@@ -454,11 +466,50 @@ def markdown(res: Mapping[str, Any], command: str, figure: str) -> str:
 
 
 def section(quick: bool = False, payloads: Sequence[str] = (), work: Path | None = None, reuse: bool = False) -> str:
+    """The Markdown of one invocation (see `run_section` for what `python -m benchmarks` runs)."""
+    return run_section(quick, payloads, work, reuse, tune=True)[0]
+
+
+def benchmark_section(quick: bool = False) -> Section:
+    """What `python -m benchmarks` runs: the kept settings on every seed and each payload with FedAvg (no grid)."""
+    text, res = run_section(quick, () if quick else PAYLOADS, None, False, tune=False)
+    return Section(text, tuple(checks(res)))
+
+
+def checks(res: Mapping[str, Any]) -> list[Check]:
+    """The issue's targets: an outer optimizer reaching FedAvg's final accuracy in fewer rounds on every seed,
+    and int8 deltas within 1 point of float32 weights."""
+    out = []
+    for seed, rows in sorted(res["by_seed"].items()):
+        fed = rows["fedavg"]["rounds_to_target"]
+        best = min(
+            (rows[o]["rounds_to_target"], o) for o in ("nesterov", "fedadam") if rows[o]["rounds_to_target"] is not None
+        ) if any(rows[o]["rounds_to_target"] is not None for o in ("nesterov", "fedadam")) else None  # fmt: skip
+        measured = "not reached" if best is None else f"{LABELS[best[1]]}: {best[0]} rounds vs FedAvg {fed}"
+        out.append(Check(f"DiLoCo or FedAdam reach FedAvg's final accuracy in fewer rounds (non-IID, seed {seed})",
+                         measured, best is not None and fed is not None and best[0] < fed))  # fmt: skip
+    base = res["by_seed"][str(TUNE_SEED)]["fedavg"]
+    for row in res["payloads"]:
+        if row["payload"] != "delta-int8" or row["optimizer"] != "fedavg":
+            continue
+        if "curve" not in row:
+            out.append(Check("int8 deltas lose at most 1 point of accuracy", str(row.get("failed")), False))
+            continue
+        loss = 100 * (base["final_accuracy"] - row["final_accuracy"])
+        out.append(Check("int8 deltas lose at most 1 point of accuracy (FedAvg, seed 0, final round)",
+                         f"{row['final_accuracy']:.4f} vs {base['final_accuracy']:.4f} ({loss:+.2f} pts lost)",
+                         loss <= 1.0))  # fmt: skip
+    return out
+
+
+def run_section(
+    quick: bool, payloads: Sequence[str], work: Path | None, reuse: bool, tune: bool
+) -> tuple[str, dict[str, Any]]:
     """Run the benchmark and return its Markdown section (writes the figure, and the results when full)."""
     name = "convergence_quick" if quick else "convergence"
     work = (work or ROOT / "runs" / time.strftime(f"{name}-%Y%m%d-%H%M%S")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    res = run_benchmark(quick, payloads, work, reuse)
+    res = run_benchmark(quick, payloads, work, reuse, tune)
     command = ".venv/bin/python -m benchmarks.convergence" + (" --quick" if quick else "")
     command += "".join(f" --payload {p}" for p in payloads) if quick or list(payloads) != list(PAYLOADS) else ""
     if not quick and not payloads:
@@ -468,7 +519,9 @@ def section(quick: bool = False, payloads: Sequence[str] = (), work: Path | None
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
     print(f"runs: {work}\nresults: {results.relative_to(ROOT)}", file=sys.stderr)
-    return markdown(res, command, f"figures/{name}.png")
+    if not tune and not quick:
+        command = ".venv/bin/python -m benchmarks --only convergence"
+    return markdown(res, command, f"figures/{name}.png"), res
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import ROOT as _ROOT
+from benchmarks.report import Check, Section
+
+LAST = _ROOT / "benchmarks" / "results" / "scale.json"
+"""The rows of the last run (what `benchmark_section` reads its check from)."""
+
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
 FIGURE = "scale.png"
@@ -298,6 +304,8 @@ def section(quick: bool = False) -> str:
     """Run the benchmark; its Markdown section (tables, the command, the plot it writes to docs/figures/)."""
     started = time.monotonic()
     rows = run_all(quick)
+    LAST.parent.mkdir(parents=True, exist_ok=True)
+    LAST.write_text(json.dumps(rows, indent=1) + "\n")
     figure = FIGURE.replace(".png", "_quick.png") if quick else FIGURE  # a quick run never replaces the full plot
     _plot(rows, FIGURES / figure)
     by = {(r["system"], r["nodes"]): r for r in rows}
@@ -342,6 +350,19 @@ def section(quick: bool = False) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def benchmark_section(quick: bool = False) -> Section:
+    """What `python -m benchmarks` runs: `section`, and the issue's target at N = 1,000."""
+    text = section(quick)
+    rows = json.loads(LAST.read_text()) if LAST.exists() else []
+    by = {(r["system"], r["nodes"]): r for r in rows}
+    checks = []
+    if ("weft", 1000) in by and ("flower", 1000) in by:
+        ratio = by[("weft", 1000)]["round_s"] / by[("flower", 1000)]["round_s"]
+        checks.append(Check("1,000-node simulation, 5% sampled: time per round <= 1.0x Flower's stock FedAvg",
+                            f"{ratio:.2f}x", ratio <= 1.0))  # fmt: skip
+    return Section(text, tuple(checks))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,3 +298,17 @@ def test_damaged_stored_updates_are_refused(tmp_path) -> None:
         with pytest.raises(DecodeError):
             StoredUpdate(path).arrays()
         assert head > 26
+
+
+def test_all_finite_is_exact_when_a_finite_sum_overflows() -> None:
+    from protocols.aggregation import all_finite
+
+    big = np.full(100_000, 3e38, dtype=np.float32)  # every value finite, their float32 sum overflows
+    assert all_finite(big)
+    for bad in (np.inf, -np.inf, np.nan):
+        spoiled = big.copy()
+        spoiled[77_777] = bad
+        assert not all_finite(spoiled)
+        small = np.zeros(10, dtype=np.float64)
+        small[3] = bad
+        assert not all_finite(small)
