@@ -338,7 +338,7 @@ class Coordinator:
             rt.observer.reply_checked(expect.round, outcome)
             del reply, outcome  # keep at most one update in memory
             # Flower's records hold reference cycles; without this young-generation pass the dropped
-            # replies linger until the collector's threshold (benchmarks/aggregation_memory.py).
+            # replies linger until the collector's threshold (benchmarks/aggregation.py, "Coordinator memory").
             gc.collect(0)
         return rejected, replied, caps, members
 

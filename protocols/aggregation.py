@@ -169,7 +169,7 @@ def weighted_mean(
         result = np.empty(shape, dtype=dtype)
         size = result.size
         chunks = -(-size // CHUNK)
-        parts = min(THREADS, chunks)
+        parts = min(THREADS, chunks // 8) if chunks >= 16 else 1  # a thread costs more than a few chunks
         if parts <= 1:
             finite = _fold(flats, total, result.reshape(-1), 0, size, template is not None)
         else:

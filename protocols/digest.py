@@ -25,7 +25,7 @@ from protocols.encoding import Writer
 
 PARAMS_DOMAIN = b"weft/params/v2\x00"
 
-_THREADED_BYTES = 1 << 20  # from this many bytes of data on, BLAKE3 hashes on every core (same result)
+_THREADED_BYTES = 1 << 21  # from an array this large on, BLAKE3 hashes on every core (same result)
 
 DTYPES = frozenset({"bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"})
 """The dtypes a parameter vector may hold (numpy names)."""
@@ -54,8 +54,9 @@ def structure(arrays: Mapping[str, np.ndarray]) -> dict[str, ArraySpec]:
 def params_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
     """The 32-byte canonical digest of `arrays`; raises ValueError for unsupported contents."""
     names = sorted(arrays, key=lambda n: n.encode("utf-8"))
-    size = sum(int(np.asarray(arrays[name]).nbytes) for name in names)
-    h = blake3.blake3(PARAMS_DOMAIN, max_threads=blake3.blake3.AUTO if size >= _THREADED_BYTES else 1)
+    # threads pay off only for large `update` calls: many small arrays hash faster on one core
+    largest = max((int(np.asarray(arrays[name]).nbytes) for name in names), default=0)
+    h = blake3.blake3(PARAMS_DOMAIN, max_threads=blake3.blake3.AUTO if largest >= _THREADED_BYTES else 1)
     h.update(Writer().u32(len(names)).getvalue())
     for name in names:
         array = np.asarray(arrays[name])

@@ -17,7 +17,7 @@ Pure numpy: the auditor runs it without flwr or torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,19 +86,14 @@ class OuterNesterov:
 
     def step(self, current: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The next global model; updates the momentum buffers."""
-        out: dict[str, np.ndarray] = {}
-        for name, now in current.items():
-            agg = aggregate[name]
-            if now.dtype.kind != "f":  # integer state (counters) is taken from the aggregate as in FedAvg
-                out[name] = np.asarray(agg)
-                continue
-            g = np.asarray(now, np.float64) - np.asarray(agg, np.float64)
+
+        def one(name: str, x: np.ndarray, g: np.ndarray) -> np.ndarray:
             m = self._m.get(name)
             m = g if m is None else self.momentum * m + g
             self._m[name] = m
-            with np.errstate(over="ignore", invalid="ignore"):
-                out[name] = _finite(name, np.asarray(now, np.float64) - self.lr * (g + self.momentum * m), now.dtype)
-        return out
+            return x - self.lr * (g + self.momentum * m)
+
+        return _each_float_array(current, aggregate, one)
 
     def describe(self) -> dict[str, Any]:
         """`{"optimizer": "nesterov", "lr": ..., "momentum": ...}`."""
@@ -132,19 +127,14 @@ class FedAvgM:
 
     def step(self, current: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The next global model; updates the velocity buffers."""
-        out: dict[str, np.ndarray] = {}
-        for name, now in current.items():
-            agg = aggregate[name]
-            if now.dtype.kind != "f":  # integer state (counters) is taken from the aggregate as in FedAvg
-                out[name] = np.asarray(agg)
-                continue
-            g = np.asarray(now, np.float64) - np.asarray(agg, np.float64)
+
+        def one(name: str, x: np.ndarray, g: np.ndarray) -> np.ndarray:
             v = self._v.get(name)
-            with np.errstate(over="ignore", invalid="ignore"):
-                v = g if v is None else self.momentum * v + g
-                self._v[name] = v
-                out[name] = _finite(name, np.asarray(now, np.float64) - self.lr * v, now.dtype)
-        return out
+            v = g if v is None else self.momentum * v + g
+            self._v[name] = v
+            return x - self.lr * v
+
+        return _each_float_array(current, aggregate, one)
 
     def describe(self) -> dict[str, Any]:
         """`{"optimizer": "fedavgm", "lr": ..., "momentum": ...}`."""
@@ -185,22 +175,14 @@ class FedAdam:
 
     def step(self, current: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The next global model; updates both moment buffers."""
-        out: dict[str, np.ndarray] = {}
-        for name, now in current.items():
-            agg = aggregate[name]
-            if now.dtype.kind != "f":  # integer state (counters) is taken from the aggregate as in FedAvg
-                out[name] = np.asarray(agg)
-                continue
-            x = np.asarray(now, np.float64)
-            g = x - np.asarray(agg, np.float64)
-            m = self._m.get(name, 0.0)
-            v = self._v.get(name, self.tau * self.tau)
-            with np.errstate(over="ignore", invalid="ignore"):
-                m = self.beta1 * m + (1 - self.beta1) * g
-                v = self.beta2 * v + (1 - self.beta2) * (g * g)
-                self._m[name], self._v[name] = m, v
-                out[name] = _finite(name, x - self.lr * (m / (np.sqrt(v) + self.tau)), now.dtype)
-        return out
+
+        def one(name: str, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+            m = self.beta1 * self._m.get(name, 0.0) + (1 - self.beta1) * g
+            v = self.beta2 * self._v.get(name, self.tau * self.tau) + (1 - self.beta2) * (g * g)
+            self._m[name], self._v[name] = m, v
+            return x - self.lr * (m / (np.sqrt(v) + self.tau))
+
+        return _each_float_array(current, aggregate, one)
 
     def describe(self) -> dict[str, Any]:
         """`{"optimizer": "fedadam", "lr": ..., "beta1": ..., "beta2": ..., "tau": ...}`."""
@@ -250,6 +232,25 @@ def _check_lr_momentum(lr: float, momentum: float, what: str = "server momentum"
         raise ValueError("server learning rate must be > 0")
     if not (math.isfinite(momentum) and 0 <= momentum < 1):
         raise ValueError(f"{what} must be in [0, 1)")
+
+
+def _each_float_array(
+    current: Mapping[str, np.ndarray],
+    aggregate: Mapping[str, np.ndarray],
+    step: Callable[[str, np.ndarray, np.ndarray], np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Apply `step(name, float64(current), g)` (g = current - aggregate, float64) to each floating array, cast back
+    and refused when not finite; non-floating arrays (counters) are taken from the aggregate as in FedAvg."""
+    out: dict[str, np.ndarray] = {}
+    for name, now in current.items():
+        agg = aggregate[name]
+        if now.dtype.kind != "f":
+            out[name] = np.asarray(agg)
+            continue
+        x = np.asarray(now, np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[name] = _finite(name, step(name, x, x - np.asarray(agg, np.float64)), now.dtype)
+    return out
 
 
 def _finite(name: str, out: np.ndarray, dtype: np.dtype) -> np.ndarray:

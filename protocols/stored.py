@@ -50,6 +50,10 @@ SUFFIX = ".update"
 NAME = re.compile(r"(?P<digest>[0-9a-f]{64})-(?P<member>[0-9a-f]{16})\.update")
 _PREFIX = len(MAGIC) + 4
 _ZEROS = bytes(ALIGN)
+WHOLE_FILE_MAP = 1 << 26
+"""Stored updates up to this size (64 MiB) are mapped whole, once; bigger ones one array at a time."""
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+"""Linux: map every page in one call instead of one fault per 4 KiB page."""
 
 
 def stored_name(update_digest: bytes, member_id: str) -> str:
@@ -211,21 +215,36 @@ class StoredUpdate:
         return self._directory()[0]
 
     def _directory(self) -> tuple[SignedBlob, dict[str, _Entry], int]:
+        cached = self.__dict__.get("_parsed")  # parsed once per object: a fold asks for every array in turn
+        if cached is not None:
+            return cached
         try:
-            return _read_directory(self.path)
+            parsed = _read_directory(self.path)
         except DecodeError:
             raise
         except (ValueError, UnicodeDecodeError) as exc:
             raise DecodeError(f"{self.path}: not a stored update ({type(exc).__name__}: {exc})") from exc
+        self.__dict__["_parsed"] = parsed  # a frozen dataclass: its fields stay as they are, this is a cache
+        return parsed
 
     def _view(self, entry: _Entry) -> np.ndarray:
         if entry.nbytes == 0:
             return np.zeros(entry.shape, dtype=entry.dtype)
+        size = self._directory()[2]
+        if size <= WHOLE_FILE_MAP:  # a small update: map the whole file once, every array is a view of it
+            whole = self.__dict__.get("_whole")
+            if whole is None:
+                with open(self.path, "rb") as fh:
+                    whole = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+                self.__dict__["_whole"] = whole
+            count = entry.nbytes // entry.dtype.itemsize
+            return np.frombuffer(whole, dtype=entry.dtype, count=count, offset=entry.offset).reshape(entry.shape)
         start = entry.offset - entry.offset % mmap.ALLOCATIONGRANULARITY  # map just this array's pages
         length = entry.offset + entry.nbytes - start
         with open(self.path, "rb") as fh:
-            # MAP_POPULATE (Linux): map every page of the array in one call instead of one fault per 4 KiB page
-            populate = getattr(mmap, "MAP_POPULATE", 0)
-            mapped = mmap.mmap(fh.fileno(), length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ, offset=start)
+            # map just this array, every page at once (_POPULATE)
+            mapped = mmap.mmap(
+                fh.fileno(), length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ, offset=start
+            )
         count = entry.nbytes // entry.dtype.itemsize  # the map lives as long as the view
         return np.frombuffer(mapped, dtype=entry.dtype, count=count, offset=entry.offset - start).reshape(entry.shape)
