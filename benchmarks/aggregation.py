@@ -637,10 +637,10 @@ def _section(quick: bool, scratch: Path, started: float) -> Any:
                     f" {_ram_gib():.0f} GiB machine): aggregated in {big['wall_s']:.0f} s (verify {t['verify']:.0f} s,"
                     f" store {t['store']:.0f} s, fsync {t['sync']:.0f} s, fold {t['fold']:.0f} s) with peak"
                     f" tracemalloc {big['tracemalloc_peak'] / 2**30:.1f} GiB, RssAnon {big['anon_peak'] / 2**30:.1f}"
-                    f" GiB, VmRSS {big['rss_peak'] / 2**30:.1f} GiB. That is the global"
-                    " model, one reply as it arrives, the aggregate and the fold's small buffers: about three model"
-                    " sizes, whatever the number of updates. The spooled files did not fit the page cache, so store,"
-                    " fsync and fold ran at the disk's speed here.",
+                    f" GiB, VmRSS {big['rss_peak'] / 2**30:.1f} GiB: {big['tracemalloc_peak'] / (BIG_PARAMS * 4):.1f}"
+                    " model sizes (the global model, then a reply being checked and the one being written, or the"
+                    " aggregate being folded), whatever the number of updates. The spooled files did not fit the"
+                    " page cache, so store, fsync and fold ran at the disk's speed here.",
                     "",
                 ]
 

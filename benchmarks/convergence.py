@@ -459,6 +459,16 @@ def markdown(res: Mapping[str, Any], command: str, figure: str) -> str:
                 f"| {r['payload']} | {LABELS[r['optimizer']]} | {r['final_accuracy']:.4f} "
                 f"| {_r(r['rounds_to_target'])} | {_mb(r['bytes_to_target'])} | {r['upload_bytes_round1']} | {note} |"
             )
+    if any("curve" in r for r in res["payloads"]):
+        means = [f"float32 weights {np.mean(res['by_seed'][str(TUNE_SEED)]['fedavg']['curve'][-5:]):.4f}"]
+        means += [f"{r['payload']} {np.mean(r['curve'][-5:]):.4f}" for r in res["payloads"] if "curve" in r]
+        out += [
+            "",
+            "On a split this skewed one round's accuracy moves by a point or two from round to round, the float32 "
+            "run's too, so a payload's final round alone is a noisy comparison. Mean of the last 5 rounds: "
+            + ", ".join(means)
+            + ".",
+        ]
     verdict = "yes" if res["done"] else "**no**"
     out += [
         "",
@@ -507,6 +517,12 @@ def checks(res: Mapping[str, Any]) -> list[Check]:
         out.append(Check("int8 deltas lose at most 1 point of accuracy (FedAvg, seed 0, final round)",
                          f"{row['final_accuracy']:.4f} vs {base['final_accuracy']:.4f} ({loss:+.2f} pts lost)",
                          loss <= 1.0))  # fmt: skip
+        # One round's accuracy on 359 test images moves by a point or two from round to round on this split (the
+        # float32 run itself does): the mean of the last five rounds is the steadier comparison.
+        tail, ref = float(np.mean(row["curve"][-5:])), float(np.mean(base["curve"][-5:]))
+        loss5 = 100 * (ref - tail)
+        out.append(Check("int8 deltas lose at most 1 point of accuracy (FedAvg, seed 0, mean of the last 5 rounds)",
+                         f"{tail:.4f} vs {ref:.4f} ({loss5:+.2f} pts lost)", loss5 <= 1.0))  # fmt: skip
     return out
 
 

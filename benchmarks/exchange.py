@@ -335,6 +335,17 @@ def run_weft(base: Path, side: Side, rounds: int, run_timeout_s: float, round_ti
         "federated-evaluation=false", "personalize=false", f"manifest={toml_str(manifest)}",
         f"coordinator-key={toml_str(keys / 'coordinator.key')}", f"out-dir={toml_str(out)}",
     ])  # fmt: skip
+    measured_run(base, configs, app, run_config, run_timeout_s, side)
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        side.rounds = [float(line["duration_s"]) for line in lines if line.get("duration_s") is not None]
+
+
+def measured_run(
+    base: Path, configs: list[str | None], app: Path, run_config: str, run_timeout_s: float, side: Side
+) -> None:
+    """Start the deployment, `flwr run` the app on it, and record the run's status, memory and load in `side`."""
     with deployment(base, configs) as (cli_home, children):
         sampler = Sampler([c.pid for c in children])
         try:
@@ -345,10 +356,6 @@ def run_weft(base: Path, side: Side, rounds: int, run_timeout_s: float, round_ti
             side.load = round(sum(sampler.loads) / len(sampler.loads), 1) if sampler.loads else None
             spans = [last - first for first, last in sampler.clientapps.values()]
             side.clientapp_s = round(sum(spans) / len(spans), 1) if spans else None
-    metrics = out / "metrics.jsonl"
-    if metrics.exists():
-        lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        side.rounds = [float(line["duration_s"]) for line in lines if line.get("duration_s") is not None]
 
 
 def run_flower(base: Path, side: Side, rounds: int, run_timeout_s: float, round_timeout_s: float) -> None:
@@ -358,16 +365,7 @@ def run_flower(base: Path, side: Side, rounds: int, run_timeout_s: float, round_
         f"params={side.params}", f"rounds={rounds}", f"nodes={NODES}", f"round-timeout-s={round_timeout_s:.1f}",
         f"out-dir={toml_str(out)}",
     ])  # fmt: skip
-    with deployment(base, [None] * NODES) as (cli_home, children):
-        sampler = Sampler([c.pid for c in children])
-        try:
-            side.status = flwr_run(FLOWER_APP, run_config, cli_home, base, run_timeout_s, side, sampler, children)
-        finally:
-            sampler.stop()
-            side.peak_total_bytes, side.peak_by_role = sampler.peak_total, dict(sampler.peak_by_role)
-            side.load = round(sum(sampler.loads) / len(sampler.loads), 1) if sampler.loads else None
-            spans = [last - first for first, last in sampler.clientapps.values()]
-            side.clientapp_s = round(sum(spans) / len(spans), 1) if spans else None
+    measured_run(base, [None] * NODES, FLOWER_APP, run_config, run_timeout_s, side)
     doc = out / "rounds.json"
     if doc.exists():
         side.rounds = [float(x) for x in json.loads(doc.read_text())["rounds"]]

@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-import coordinator.record
-import coordinator.rounds
 from coordinator import CoordinatorRuntime, RecordError, run_federation
-from protocols import SigningKey
 from protocols.audit import verify_run
-from protocols.ledger import LEDGER_FILE, LedgerWriter, read_ledger
+from protocols.ledger import LEDGER_FILE, read_ledger
 from protocols.npz import load_npz
 from protocols.server_opt import FedAdam, FedAvgM, OuterNesterov, Plain, ServerOptimizer
+from tests.unit.test_ledger_audit import rewrite_ledger
+from tests.unit.test_resume import Crash, crash_at
 from tests.unit.test_rounds import COORDINATOR, FakeGrid, flower_task_identity, nodes, runtime  # noqa: F401
 
 ROUNDS = 3
@@ -33,10 +32,6 @@ OPTIMIZERS: dict[str, Callable[[], ServerOptimizer]] = {
     "fedavgm": lambda: FedAvgM(lr=0.9, momentum=0.6),
     "fedadam": lambda: FedAdam(lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3),
 }
-
-
-class Crash(Exception):
-    """Stands in for a SIGKILL."""
 
 
 def run_with(out: Path, make: Callable[[], ServerOptimizer], resume: bool = False) -> CoordinatorRuntime:
@@ -48,33 +43,6 @@ def run_with(out: Path, make: Callable[[], ServerOptimizer], resume: bool = Fals
 
 def final_bytes(result: Any) -> dict[str, bytes]:
     return {name: a.tobytes() for name, a in result.final_arrays.items()}
-
-
-def crash_at(monkeypatch: pytest.MonkeyPatch, where: str, nth: int) -> None:
-    """Throw `Crash` the `nth` time the loop passes the crash point `where`."""
-    count = {"n": 0}
-
-    def point(name: str) -> None:
-        if name == where:
-            count["n"] += 1
-            if count["n"] == nth:
-                raise Crash(where)
-
-    monkeypatch.setattr(coordinator.rounds, "_point", point)
-    monkeypatch.setattr(coordinator.record, "crash_point", point)
-
-
-def rewrite_ledger(run_dir: Path, edit: Callable[[dict[str, Any]], None], key: SigningKey = COORDINATOR) -> None:
-    """Re-sign the whole ledger after `edit` changes record bodies: what a dishonest coordinator could do."""
-    entries = read_ledger(run_dir / LEDGER_FILE).entries
-    path = run_dir / LEDGER_FILE
-    path.unlink()
-    first = entries[0].body
-    writer = LedgerWriter(path, key, first["federation_id"], first["run_id"])
-    for entry in entries:
-        body = {k: v for k, v in entry.body.items() if k not in ("ledger", "seq", "prev", "federation_id", "run_id")}
-        edit(body)
-        writer.append(body.pop("kind"), body)
 
 
 class Done:
