@@ -53,7 +53,7 @@ from protocols import (
     wire,
 )
 from protocols.aggregation import RoundAggregate, aggregate_round
-from protocols.payload import WEIGHTS, Decoded, decode
+from protocols.payload import WEIGHTS, as_weights, decode
 from protocols.policy import below_floor
 
 log = logging.getLogger("weft.coordinator")
@@ -242,8 +242,8 @@ class Coordinator:
 
         # ---- policy and rule, in canonical order; the server optimizer; sign -----------------------------
         inputs = self._guard(spool.inputs)
-        if s.payload != WEIGHTS:  # compressed updates are aggregated as the weights they decode to
-            inputs = [replace(i, source=Decoded(i.source, state.arrays, self.template, s.payload)) for i in inputs]
+        # compressed updates are aggregated as the weights they decode to
+        inputs = [replace(i, source=as_weights(i.source, state.arrays, self.template, s.payload)) for i in inputs]
         agg = aggregate_round(self.template, state.arrays, inputs, rt.policy, rt.rule)
         _point("aggregated")
         arrays = rt.server_optimizer.step(state.arrays, agg.arrays)

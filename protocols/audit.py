@@ -34,7 +34,7 @@ from protocols.identity import Domain, PublicKey
 from protocols.ledger import LEDGER_FILE, LedgerEntry, read_ledger, verify_chain
 from protocols.manifest import Manifest
 from protocols.modelfile import read_signed_model
-from protocols.payload import WEIGHTS, Decoded
+from protocols.payload import WEIGHTS, as_weights
 from protocols.reasons import RejectReason
 from protocols.server_opt import ServerOptimizer, optimizer_from_description
 from protocols.stored import StoredUpdate
@@ -335,7 +335,7 @@ class _Audit:
             return None
         # a compressed update is signed over its compressed arrays; the aggregate is built from the
         # weights they decode to against the round's base model (protocols/payload.py)
-        source = update if env.payload == WEIGHTS else Decoded(update, base, structure(base), env.payload)
+        source = as_weights(update, base, structure(base), env.payload)
         return RoundInput(env.sender, env.update_digest, env.num_examples, source,
                           float(score) if isinstance(score, int | float) else None)  # fmt: skip
 

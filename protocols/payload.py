@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocols.aggregation import UpdateSource
+from protocols.aggregation import UpdateSource, all_finite
 from protocols.digest import ArraySpec
 
 WEIGHTS = "weights"
@@ -120,7 +120,7 @@ def decode_array(wire: np.ndarray, base: np.ndarray, spec: ArraySpec, payload: s
     flat_base = base.reshape(-1)
     out = np.empty(n, dtype=spec.dtype)
     if payload == DELTA_FP16:
-        if not np.isfinite(wire).all():
+        if not all_finite(wire):
             raise ValueError("holds a float16 delta that is not finite")
         flat = wire.reshape(-1)
         for lo in range(0, n, CHUNK):
@@ -217,6 +217,13 @@ class Decoded:
         """The weights of array `name`, in the template's dtype and shape."""
         spec = self.template[name]
         return _decode_named(name, self.source.array(name), self.base, spec, self.payload)
+
+
+def as_weights(
+    source: UpdateSource, base: Mapping[str, np.ndarray], template: Mapping[str, ArraySpec], payload: str
+) -> UpdateSource:
+    """What aggregation reads for an update of `payload`: the source itself for `weights`, else `Decoded`."""
+    return source if payload == WEIGHTS else Decoded(source, base, template, payload)
 
 
 # ---- encoding (node) ------------------------------------------------------------------------------------

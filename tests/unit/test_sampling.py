@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -137,20 +136,12 @@ def test_the_run_waits_for_min_train_nodes(tmp_path: Path) -> None:
 # ---- collecting replies: batched, bounded, linear ---------------------------------------------------------------
 
 
-class CountingGrid:
-    """Replies at once to everything pushed; counts the ids of every pull."""
+class CountingGrid(FakeGrid):
+    """Replies at once to everything pushed (FakeGrid's push); counts the ids of every pull."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, Message] = {}
+        super().__init__({})
         self.pulls: list[int] = []
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.pending[msg.metadata.message_id] = msg
-            ids.append(msg.metadata.message_id)
-        return ids
 
     def pull_messages(self, ids: Iterable[str]) -> list[Message]:
         ids = list(ids)
